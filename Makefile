@@ -1,0 +1,60 @@
+# kvbench — every target installs what it needs into .venv first (a stamp file
+# records the install, so a second call is instant). On a machine without an
+# NVIDIA GPU the CPU build of torch (torch==2.13.0) is installed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvbench-installed
+EXTRAS ?= dev,plots
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+
+# Offline by default: no model or dataset is fetched at run time unless you unset these.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+# sweep defaults (override on the command line: make sweep METHODS=full,h2o BUDGETS=128,512)
+MODEL   ?= tiny
+TASK    ?= passkey
+METHODS ?= full,streamingllm
+BUDGETS ?= 32,64
+EXP     ?= demo
+
+.PHONY: install test demo sweep table reproduce-table lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "kvbench needs Python >= 3.11, found " + sys.version.split()[0]'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m kvbench.run -m experiment=demo
+	@cat results/tables/demo.md
+
+sweep: $(STAMP)
+	$(PY) -m kvbench.run -m model=$(MODEL) task=$(TASK) method=$(METHODS) budget.tokens=$(BUDGETS)
+
+table: $(STAMP)
+	$(PY) -m kvbench.tables
+
+reproduce-table: $(STAMP)
+	$(PY) -m kvbench.run -m experiment=$(EXP)
+	@cat results/tables/$(EXP).md
+
+lint: $(STAMP)
+	$(PY) -m ruff check kvbench tests scripts
+
+# Removes Hydra's logs and Python caches. Never touches results/ (your runs).
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

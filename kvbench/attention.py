@@ -1,0 +1,183 @@
+"""The one attention function kvbench registers with transformers, and the attention statistics.
+
+`install(model, base)` registers `kvbench_attention` under the name "kvbench" in
+transformers' `AttentionInterface` and switches the model to it; nothing is
+patched globally and no model class is touched. The function:
+
+1. delegates the attention itself to the base implementation (`sdpa`, `eager`,
+   `flash_attention_2`), with the causal layout of kvbench's cache: every cached
+   token is visible, the new tokens are causal among themselves;
+2. when the call carries a `kvbench_cache` (a `CompressedCache`), computes only
+   the statistics the active method asks for and hands them to the cache, which
+   compacts that layer right away.
+
+Statistics never hold an n x n matrix: column sums over all queries are taken in
+query blocks (O(block * n) memory), the window statistic uses the last w
+queries, the decode row is one query. Query heads of a GQA group are averaged
+so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+NAME = "kvbench"
+BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# Elements of one block of attention logits (batch * q_heads * block * kv_len); 2**24 fp32 = 64 MiB.
+BLOCK_ELEMENTS = 2**24
+
+
+@dataclass
+class StatsRequest:
+    """What a method needs from one attention call; all off by default (full, StreamingLLM)."""
+
+    colsum: bool = False  # sum over every query of its attention on each key
+    window: int = 0  # mean attention of the last `window` queries on each key
+    row: bool = False  # attention of the (single) decode query on each key
+
+    def any(self) -> bool:
+        return self.colsum or self.window > 0 or self.row
+
+
+@dataclass
+class Stats:
+    """Per-KV-head attention statistics of one layer call, each (batch, kv_heads, kv_len) float32."""
+
+    n_queries: int
+    colsum: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    row: torch.Tensor | None = None
+
+
+def visible_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean (q_len, kv_len): query i (the i-th new token) sees every cached key and new keys up to itself."""
+    offset = kv_len - q_len
+    q_idx = torch.arange(q_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    return k_idx <= q_idx + offset
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax(QK^T)V in float32 softmax; GQA by repeating KV heads; additive float mask."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        logits = logits + attention_mask
+    elif query.shape[2] > 1:
+        causal = visible_mask(query.shape[2], key.shape[2], query.device)
+        logits = logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _base_function(name: str):
+    if name == "sdpa":
+        return sdpa_attention_forward
+    if name == "eager":
+        return eager_attention
+    if name == "flash_attention_2":
+        from transformers.integrations.flash_attention import flash_attention_forward
+
+        return flash_attention_forward
+    raise ValueError(f"unknown base attention {name!r}; choose one of {BASE_IMPLEMENTATIONS}")
+
+
+def kvbench_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvbench_cache=None, **kwargs
+):
+    base = getattr(module.config, "kvbench_base_attention", "sdpa")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None
+    if q_len > 1 and kv_len != q_len and base != "flash_attention_2":
+        # new tokens after a (possibly compressed) cached prefix: bottom-right causal.
+        # flash-attn aligns its causal mask bottom-right already.
+        visible = visible_mask(q_len, kv_len, query.device)[None, None]
+        if base == "sdpa":
+            mask = visible
+        else:
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
+    kwargs.pop("is_causal", None)
+    out, _ = _base_function(base)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kvbench_cache is not None:
+        request = kvbench_cache.stats_request(module.layer_idx, q_len)
+        stats = compute_stats(request, query, key, scaling) if request.any() else Stats(n_queries=q_len)
+        kvbench_cache.after_attention(module.layer_idx, stats)
+    return out, None
+
+
+def install(model, base: str = "sdpa") -> None:
+    """Register kvbench's attention function and switch `model` to it, delegating to `base`."""
+    if base not in BASE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown base attention {base!r}; choose one of {BASE_IMPLEMENTATIONS}")
+    AttentionInterface.register(NAME, kvbench_attention)
+    model.config.kvbench_base_attention = base
+    model.set_attn_implementation(NAME)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, q, D) -> (B, Hkv, G, q, D); query head h belongs to KV head h // G (transformers' repeat_kv)."""
+    b, hq, q, d = query.shape
+    return query.view(b, kv_heads, hq // kv_heads, q, d)
+
+
+def _probs(query_g, key, scaling, q_start, q_total) -> torch.Tensor:
+    """Softmax attention (float32) of a block of grouped queries on all keys, causal bottom-right."""
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).float() * scaling
+    kv_len = key.shape[2]
+    q_idx = torch.arange(q_start, q_start + query_g.shape[3], device=key.device)[:, None]
+    k_idx = torch.arange(kv_len, device=key.device)[None, :]
+    logits = logits.masked_fill(k_idx > q_idx + (kv_len - q_total), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def attention_column_sums(query, key, scaling=None, block: int | None = None) -> torch.Tensor:
+    """s_j = sum_i A_ij over every query i (causal), averaged over the query heads of a KV group.
+
+    Computed in query blocks so memory is O(block * kv_len), never O(q_len * kv_len).
+    """
+    b, hq, q_len, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    scaling = d**-0.5 if scaling is None else scaling
+    if block is None:
+        block = max(1, BLOCK_ELEMENTS // max(1, b * hq * kv_len))
+    query_g = _grouped(query, kv_heads)
+    out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
+    for start in range(0, q_len, block):
+        probs = _probs(query_g[:, :, :, start : start + block], key, scaling, start, q_len)
+        out += probs.sum(dim=3).mean(dim=2)
+    return out
+
+
+def attention_window(query, key, window: int, scaling=None) -> torch.Tensor:
+    """Mean attention of the last `window` queries on each key (group-averaged)."""
+    q_len = query.shape[2]
+    w = min(window, q_len)
+    d = query.shape[-1]
+    scaling = d**-0.5 if scaling is None else scaling
+    query_g = _grouped(query[:, :, q_len - w :], key.shape[1])
+    probs = _probs(query_g, key, scaling, q_len - w, q_len)
+    return probs.mean(dim=3).mean(dim=2)
+
+
+def compute_stats(request: StatsRequest, query, key, scaling=None) -> Stats:
+    stats = Stats(n_queries=query.shape[2])
+    if request.colsum or (request.row and query.shape[2] > 1):
+        stats.colsum = attention_column_sums(query, key, scaling)
+    if request.window:
+        stats.window = attention_window(query, key, request.window, scaling)
+    if request.row:
+        # a single decode query: its row is the column sum of one query
+        stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, scaling)
+    return stats

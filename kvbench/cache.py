@@ -1,0 +1,319 @@
+"""CompressedCache: a transformers `Cache` that owns the KV store and applies a method's policy.
+
+Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)` with
+`length` valid slots, and per-token state `(batch, kv_heads, capacity)`:
+`pos` (original position, always), the method's `slot_state` (e.g. `score`),
+and in `shifted` mode `rot` (the position the stored key was rotated at) and
+`rank` (its position inside the cache now). Slots need not be in position
+order; every rule is stated on positions.
+
+- prefill (`phase == "prefill"`): after the layer's attention has run, the
+  method scores the prompt tokens and the layer is compacted at once to the
+  budget (sinks + recent window protected, top-k of the rest), so at most one
+  layer holds its full KV at any time.
+- decode (`stage: decode`): the new token is written into a free slot; when the
+  cache is over budget, the lowest-ranked unprotected token is evicted and the
+  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring).
+- positions `original`: keys keep the RoPE position they were computed at and
+  queries continue counting. `shifted`: new tokens are placed at the cache
+  length, and keys are returned rotated from the position they were stored at
+  to their current rank (the stored keys are never re-rotated in place, so no
+  rounding error accumulates over a long stream).
+- a prompt no longer than the budget is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench import KVBenchError
+from kvbench.attention import Stats, StatsRequest
+from kvbench.methods.base import Method
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens kept per head per layer (sinks and windows included), absolute or as a ratio of the prompt."""
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        if self.tokens is not None and self.ratio is not None:
+            raise KVBenchError("set one of budget.tokens and budget.ratio, not both (use budget=tokens or budget=ratio)")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens or self.tokens <= 0):
+            raise KVBenchError(f"budget.tokens={self.tokens} must be a whole number > 0")
+        if self.ratio is not None and not (0 < float(self.ratio) <= 1):
+            raise KVBenchError(f"budget.ratio={self.ratio} must be in (0, 1]")
+
+    @classmethod
+    def from_config(cls, cfg) -> Budget:
+        tokens, ratio = cfg.get("tokens"), cfg.get("ratio")
+        return cls(tokens=None if tokens is None else int(tokens), ratio=None if ratio is None else float(ratio))
+
+    def resolve(self, prompt_len: int | None) -> int | None:
+        """Budget in tokens for a prompt of `prompt_len` tokens; None means unlimited."""
+        if self.tokens is not None:
+            return int(self.tokens)
+        if self.ratio is not None:
+            if prompt_len is None:
+                raise KVBenchError("budget.ratio needs a prompt to be a ratio of; use budget.tokens for streamed text")
+            return max(1, math.floor(self.ratio * prompt_len))
+        return None
+
+    @property
+    def label(self) -> str:
+        if self.tokens is not None:
+            return f"tokens{self.tokens}"
+        if self.ratio is not None:
+            return f"ratio{self.ratio:g}"
+        return "full"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's KV store with per-token state; see the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: CompressedCache, layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.length = 0  # valid slots
+        self.seen = 0  # tokens ever written (the next original position)
+        self.state: dict[str, torch.Tensor] = {}
+        self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
+
+    # -- transformers' CacheLayerMixin interface
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def state_names(self) -> list[str]:
+        names = ["pos", *self.owner.method.slot_state]
+        if self.owner.shifted:
+            names += ["rot", "rank"]
+        return names
+
+    def _allocate(self, batch, heads, capacity, head_dim):
+        keys = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        state = {}
+        for name in self.state_names():
+            dtype = torch.long if name in ("pos", "rot", "rank") else torch.float32
+            state[name] = torch.zeros(batch, heads, capacity, dtype=dtype, device=self.device)
+        return keys, values, state
+
+    def _grow(self, key_states, needed: int):
+        batch, heads, _, head_dim = key_states.shape
+        capacity = max(needed, 2 * self.capacity) if self.capacity else needed
+        keys, values, state = self._allocate(batch, heads, capacity, head_dim)
+        if self.length:
+            keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            values[:, :, : self.length] = self.values[:, :, : self.length]
+            for name, tensor in state.items():
+                tensor[:, :, : self.length] = self.state[name][:, :, : self.length]
+        self.keys, self.values, self.state = keys, values, state
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        if self.length + q > self.capacity:
+            extra = self.owner.reserve if not self.owner.method.compresses else 0
+            self._grow(key_states, self.length + q + extra)
+        new = slice(self.length, self.length + q)
+        self.keys[:, :, new] = key_states
+        self.values[:, :, new] = value_states
+        self.state["pos"][:, :, new] = torch.arange(self.seen, self.seen + q, device=self.device)
+        for name in self.owner.method.slot_state:
+            self.state[name][:, :, new] = 0
+        if self.owner.shifted:
+            ranks = torch.arange(self.length, self.length + q, device=self.device)
+            self.state["rot"][:, :, new] = ranks
+            self.state["rank"][:, :, new] = ranks
+        self.length += q
+        self.seen += q
+        return self.current_keys(), self.values[:, :, : self.length]
+
+    def current_keys(self) -> torch.Tensor:
+        keys = self.keys[:, :, : self.length]
+        if self.owner.shifted and self.moved:
+            delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
+            keys = self.owner.rotate(keys, delta)
+        return keys
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length if self.owner.shifted else self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.keys = self.values = None
+        self.state = {}
+        self.length = self.seen = 0
+        self.moved = False
+        self.is_initialized = False
+
+    # -- compression
+    def view(self, name: str) -> torch.Tensor:
+        """The valid part of a per-token state tensor, (batch, heads, length)."""
+        return self.state[name][:, :, : self.length]
+
+    def protected(self, sinks: int, recent: int) -> torch.Tensor:
+        pos = self.view("pos")
+        return (pos < sinks) | (pos >= self.seen - recent)
+
+    def compact(self, keep: torch.Tensor, extra: int) -> None:
+        """Keep slots `keep` (batch, heads, C), in position order, in fresh buffers of capacity C + extra."""
+        batch, heads, kept = keep.shape
+        head_dim = self.keys.shape[-1]
+        order = self.view("pos").gather(2, keep).argsort(dim=-1)
+        keep = keep.gather(2, order)
+        keys, values, state = self._allocate(batch, heads, kept + extra, head_dim)
+        index = keep[..., None].expand(-1, -1, -1, head_dim)
+        keys[:, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
+        values[:, :, :kept] = self.values[:, :, : self.length].gather(2, index)
+        for name, tensor in state.items():
+            tensor[:, :, :kept] = self.view(name).gather(2, keep)
+        if self.owner.shifted:
+            state["rank"][:, :, :kept] = torch.arange(kept, device=self.device)
+            self.moved = True
+        self.keys, self.values, self.state, self.length = keys, values, state, kept
+
+    def evict(self, victim: torch.Tensor) -> None:
+        """Drop slot `victim` (batch, heads) in every head; the last slot moves into its place."""
+        last = self.length - 1
+        if self.owner.shifted:
+            victim_pos = self.view("pos").gather(2, victim[..., None])
+            self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
+            self.moved = True
+        index = victim[..., None, None].expand(-1, -1, 1, self.keys.shape[-1])
+        for buf in (self.keys, self.values):
+            buf.scatter_(2, index, buf[:, :, last : last + 1].clone())
+        for tensor in self.state.values():
+            tensor.scatter_(2, victim[..., None], tensor[:, :, last : last + 1].clone())
+        self.length -= 1
+
+
+class CompressedCache(Cache):
+    """The KV cache of one generation (or one stream), compressed by `method` to `budget`.
+
+    Pass it as `past_key_values` and as `kvbench_cache` to a model whose attention
+    is kvbench's (see `kvbench.attention.install`); `kvbench.generation` does both.
+    Set `phase = "decode"` after the prompt's forward pass.
+    """
+
+    def __init__(self, model, method: Method, budget: Budget | None = None, reserve: int = 0):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        num_layers = config.num_hidden_layers
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+        self.method = method
+        self.budget_spec = budget or Budget()
+        self.budget: int | None = None
+        self.reserve = reserve
+        self.phase = "prefill"
+        self.shifted = method.positions == "shifted"
+        self.rotary = model.get_decoder().rotary_emb if self.shifted else None
+        self.prompt_len: int | None = None
+
+    # -- driving
+    def next_position_ids(self, q_len: int) -> torch.Tensor:
+        """Position ids (1, q_len) for the next tokens: continue counting, or the cache length if shifted."""
+        first = self.layers[0]
+        start = first.length if self.shifted else first.seen
+        device = first.device if first.is_initialized else None
+        return torch.arange(start, start + q_len, device=device)[None]
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """RoPE-rotate each key by its own position delta (batch, heads, n); exact for any rope_type."""
+        b, h, n, d = keys.shape
+        cos, sin = self.rotary(keys, delta.reshape(1, -1))
+        scale = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        cos = (cos / scale).view(b, h, n, d).to(keys.dtype)
+        sin = (sin / scale).view(b, h, n, d).to(keys.dtype)
+        return keys * cos + rotate_half(keys) * sin
+
+    def _resolve_budget(self, layer: CompressedLayer) -> int | None:
+        if self.budget is None and self.method.compresses:
+            if self.phase == "prefill":
+                self.prompt_len = layer.length
+            self.budget = self.budget_spec.resolve(self.prompt_len)
+        return self.budget
+
+    # -- called by kvbench_attention after each layer's attention
+    def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
+        if not self.method.compresses:
+            return StatsRequest()
+        if self.phase == "decode" and self.method.stage != "decode":
+            return StatsRequest()
+        return self.method.stats_request(self.phase)
+
+    def after_attention(self, layer_idx: int, stats: Stats) -> None:
+        method = self.method
+        if not method.compresses:
+            return
+        layer = self.layers[layer_idx]
+        if self.phase == "prefill":
+            budget = self._resolve_budget(layer)
+            scores = method.prefill_scores(layer, stats)
+            if budget is not None and layer.length > budget:
+                extra = 1 if method.stage == "decode" else self.reserve
+                layer.compact(self.select(layer, scores, budget), extra)
+        elif method.stage == "decode":
+            budget = self._resolve_budget(layer)
+            method.decode_update(layer, stats)
+            while budget is not None and layer.length > budget:
+                sinks, recent = method.split(budget)
+                order = method.eviction_scores(layer).float()
+                order = order.masked_fill(layer.protected(sinks, recent), float("inf"))
+                layer.evict(order.argmin(dim=-1))
+
+    def select(self, layer: CompressedLayer, scores: torch.Tensor | None, budget: int) -> torch.Tensor:
+        """Slots to keep (batch, heads, budget): protected sinks and recent window, then the top scores."""
+        sinks, recent = self.method.split(budget)
+        rank = (scores if scores is not None else layer.view("pos")).float()
+        rank = rank.masked_fill(layer.protected(sinks, recent), float("inf"))
+        return rank.topk(budget, dim=-1).indices
+
+    # -- accounting
+    def kv_summary(self) -> dict:
+        """Tokens and bytes stored per sequence vs a full cache, and kept tokens per layer and head."""
+        kept_tokens = full_tokens = kept_bytes = full_bytes = 0
+        per_layer = []
+        for layer in self.layers:
+            if not layer.is_initialized or layer.keys is None:
+                continue
+            heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
+            per_token = 2 * head_dim * layer.keys.element_size()  # key + value of one head
+            kept_tokens += heads * layer.length
+            full_tokens += heads * layer.seen
+            kept_bytes += heads * layer.length * per_token
+            full_bytes += heads * layer.seen * per_token
+            per_layer.append([layer.length] * heads)
+        return {
+            "kv_kept_tokens": kept_tokens,
+            "kv_full_tokens": full_tokens,
+            "kv_kept_bytes": kept_bytes,
+            "kv_full_bytes": full_bytes,
+            "kv_kept_per_layer_head": per_layer,
+        }

@@ -1,0 +1,75 @@
+"""Greedy generation through a `CompressedCache`: prefill once, compress, decode token by token.
+
+kvbench drives the model itself (not `model.generate`) so that it owns the
+position ids (`original` or `shifted`), the cache phase, and the accounting.
+With `method=full` the tokens equal `model.generate(do_sample=False)` (a test).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.cache import Budget, CompressedCache
+from kvbench.methods.base import Method
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per sequence, stop token excluded
+    prompt_tokens: int
+    seconds: float
+    kv: dict = field(default_factory=dict)
+
+
+def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+    """One forward pass of `input_ids` (batch, q) through the cache; returns the last `logits_to_keep` logits."""
+    out = model(
+        input_ids=input_ids,
+        position_ids=cache.next_position_ids(input_ids.shape[1]).to(input_ids.device),
+        past_key_values=cache,
+        use_cache=True,
+        kvbench_cache=cache,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    method: Method,
+    budget: Budget | None = None,
+    max_new_tokens: int = 32,
+    stop_token_ids: tuple[int, ...] | list[int] = (),
+    min_new_tokens: int = 0,
+) -> Generation:
+    """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n)."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    batch = input_ids.shape[0]
+    cache = CompressedCache(model, method, budget, reserve=max_new_tokens)
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+
+    logits = forward(model, cache, input_ids)[:, -1]
+    cache.phase = "decode"
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if step < min_new_tokens and len(stops):
+            logits[:, stops] = float("-inf")
+        next_token = logits.argmax(dim=-1)
+        is_stop = torch.isin(next_token, stops) if len(stops) else torch.zeros_like(done)
+        for i, token in enumerate(next_token.tolist()):
+            if not done[i] and not is_stop[i]:
+                tokens[i].append(token)
+        done |= is_stop
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = forward(model, cache, next_token[:, None])[:, -1]
+    kv = cache.kv_summary()
+    return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv)
