@@ -5,3 +5,16 @@ __version__ = "0.1.0"
 
 class KVBenchError(Exception):
     """A mistake the user can fix (bad config, missing file). Printed as one line, no traceback."""
+
+
+def build_dataclass(cls, params: dict, kind: str):
+    """Instantiate a settings dataclass from a config mapping; unknown keys are one clear error."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise KVBenchError(
+            f"{kind} has no setting {', '.join(unknown)}; its settings are: {', '.join(sorted(fields))}"
+        )
+    return cls(**params)

@@ -23,6 +23,15 @@ class Generation:
     seconds: float
     kv: dict = field(default_factory=dict)
 
+    def record_fields(self) -> dict:
+        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept."""
+        return {
+            "n_prompt": self.prompt_tokens,
+            "n_new": len(self.tokens[0]),
+            "seconds": round(self.seconds, 4),
+            **self.kv,
+        }
+
 
 def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
     """One forward pass of `input_ids` (batch, q) through the cache; returns the last `logits_to_keep` logits."""
@@ -73,3 +82,35 @@ def generate(
         logits = forward(model, cache, next_token[:, None])[:, -1]
     kv = cache.kv_summary()
     return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv)
+
+
+@dataclass
+class Generator:
+    """What a task evaluates with: the model and tokenizer, the method and budget, the chat format."""
+
+    model: object
+    tokenizer: object
+    method: Method
+    budget: Budget | None = None
+    chat_format: str = "none"
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids (1, n) with the tokenizer's special tokens (BOS for Llama)."""
+        return self.tokenizer(text, return_tensors="pt").input_ids
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def __call__(self, input_ids, max_new_tokens: int, stop_token_ids=None, min_new_tokens: int = 0) -> Generation:
+        stops = list(stop_token_ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            stops.append(self.tokenizer.eos_token_id)
+        return generate(self.model, input_ids, self.method, self.budget, max_new_tokens, stops, min_new_tokens)
+
+    def complete(self, prompt: str, max_new_tokens: int, chat: bool = True, **kwargs) -> tuple[str, Generation]:
+        """Wrap `prompt` in the chat format (when `chat`), generate greedily, return the decoded text."""
+        from kvbench.models import wrap_chat
+
+        text = wrap_chat(prompt, self.chat_format, self.tokenizer) if chat else prompt
+        generation = self(self.encode(text), max_new_tokens, **kwargs)
+        return self.decode(generation.tokens[0]), generation

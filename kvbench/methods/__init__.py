@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from kvbench import KVBenchError
+from kvbench import KVBenchError, build_dataclass
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full
 from kvbench.methods.streamingllm import StreamingLLM
@@ -18,14 +16,7 @@ def build(cfg) -> Method:
     name = params.pop("name", None)
     if name not in REGISTRY:
         raise KVBenchError(f"unknown method '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise KVBenchError(
-            f"method '{name}' has no setting {', '.join(unknown)}; its settings are: {', '.join(sorted(fields))}"
-        )
-    return cls(**params)
+    return build_dataclass(REGISTRY[name], params, f"method '{name}'")
 
 
 __all__ = ["Method", "REGISTRY", "build"]

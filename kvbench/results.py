@@ -1,0 +1,213 @@
+"""Run folders: `results/runs/<model>/<task>/<method>/<budget>/`.
+
+Each holds
+- `predictions.jsonl`: one record per sample, appended and flushed as it goes;
+- `config.yaml`: the resolved config of the run;
+- `scores.json`: scores per sub-task and their average;
+- `meta.json`: git commit, versions, device, seed, timings, memory, KV kept.
+
+A restarted run with the same settings skips the samples already on disk; a
+half-written last line (a kill mid-write) is dropped. A folder that holds a
+run with other settings is never mixed into: that is an error naming the fix.
+Summary files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from kvbench import KVBenchError
+
+# config sections that change what a run computes; limit and num_samples only change how many samples
+FINGERPRINT_SECTIONS = ("model", "task", "method", "budget", "seed")
+IGNORED_KEYS = {"model": {"device"}, "task": {"limit", "num_samples"}}  # sample i is the same whatever the count
+
+
+def safe_label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-") or "x"
+
+
+def run_path(root: str | Path, model: str, task: str, method: str, budget: str) -> Path:
+    return Path(root) / "runs" / safe_label(model) / safe_label(task) / safe_label(method) / safe_label(budget)
+
+
+def fingerprint(cfg: dict) -> dict:
+    """The settings that must match for a run folder to be resumed."""
+    out = {}
+    for section in FINGERPRINT_SECTIONS:
+        value = cfg.get(section)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in IGNORED_KEYS.get(section, set())}
+        out[section] = value
+    if (cfg.get("method") or {}).get("name") == "full":
+        out["budget"] = None  # a full cache ignores the budget
+    return out
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new)):
+            lines += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return lines
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.path / "predictions.jsonl"
+
+    def open(self, resolved_cfg: dict) -> None:
+        """Create the folder, or check that the run already in it has the same settings."""
+        config_path = self.path / "config.yaml"
+        if config_path.exists():
+            old = yaml.safe_load(config_path.read_text()) or {}
+            changes = _diff(fingerprint(old), fingerprint(resolved_cfg))
+            if changes:
+                raise KVBenchError(
+                    f"{self.path} holds a run with other settings ({'; '.join(changes[:4])}); "
+                    "set run.tag=NAME to keep both, or delete that folder"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, yaml.safe_dump(resolved_cfg, sort_keys=False))
+
+    def records(self) -> list[dict]:
+        """Records on disk; a trailing partial line (killed mid-write) is cut off the file."""
+        if not self.predictions_path.exists():
+            return []
+        raw = self.predictions_path.read_bytes()
+        records, good = [], 0
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+        if good != len(raw):
+            with open(self.predictions_path, "r+b") as f:
+                f.truncate(good)
+        return records
+
+    def append(self, record: dict) -> None:
+        with open(self.predictions_path, "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_scores(self, scores: dict) -> None:
+        atomic_write_json(self.path / "scores.json", scores)
+
+    def write_meta(self, meta: dict) -> None:
+        atomic_write_json(self.path / "meta.json", meta)
+
+
+# ----------------------------------------------------------------------------- meta
+
+
+def git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("kvbench", "torch", "transformers", "datasets", "hydra-core", "wandb", "flash-attn"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_kind": "process_max_rss",
+    }
+
+
+def kv_meta(records: list[dict]) -> dict:
+    """KV tokens/bytes kept vs a full cache, summed over samples, and the kept fraction per layer and head."""
+    sums = {k: sum(r.get(k, 0) for r in records) for k in ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes")}
+    sums["kv_ratio"] = round(sums["kv_kept_bytes"] / sums["kv_full_bytes"], 6) if sums["kv_full_bytes"] else None
+    grids = [r["kv_kept_per_layer_head"] for r in records if r.get("kv_kept_per_layer_head")]
+    if grids:
+        fractions = []
+        for record, grid in zip((r for r in records if r.get("kv_kept_per_layer_head")), grids):
+            cells = sum(len(row) for row in grid)
+            full_per_head = record["kv_full_tokens"] / cells if cells else 0
+            fractions.append([[kept / full_per_head if full_per_head else 1.0 for kept in row] for row in grid])
+        sums["kv_kept_fraction_per_layer_head"] = [
+            [round(sum(f[i][j] for f in fractions) / len(fractions), 4) for j in range(len(fractions[0][i]))]
+            for i in range(len(fractions[0]))
+        ]
+    return sums
+
+
+def timing_meta(records: list[dict]) -> dict:
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    prompt = sum(r.get("n_prompt", 0) for r in records)
+    new = sum(r.get("n_new", 0) for r in records)
+    return {
+        "generation_seconds": round(seconds, 3),
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "tokens_per_s": round((prompt + new) / seconds, 2) if seconds else None,
+        "new_tokens_per_s": round(new / seconds, 2) if seconds else None,
+    }

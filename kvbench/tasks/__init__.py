@@ -1,0 +1,23 @@
+"""Tasks: declarative settings (a dataclass built from `configs/task/*.yaml`) plus small metric functions.
+
+A task provides
+- `samples(tokenizer) -> list[dict]`: every sample, each with a stable `id`, in a fixed order;
+- `evaluate(sample, generator) -> dict`: one JSON-able record (prediction, reference, score fields);
+- `score(records) -> dict[str, float]`: scores in 0..100 per sub-task (one key for a single task).
+"""
+
+from __future__ import annotations
+
+from kvbench import KVBenchError, build_dataclass
+from kvbench.tasks.synthetic import Passkey
+
+REGISTRY = {cls.name: cls for cls in (Passkey,)}
+
+
+def build(cfg):
+    params = dict(cfg)
+    name = params.pop("name", None)
+    if name not in REGISTRY:
+        raise KVBenchError(f"unknown task '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
+    params.pop("limit", None)  # handled by the runner
+    return build_dataclass(REGISTRY[name], params, f"task '{name}'")

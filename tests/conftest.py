@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvbench.models import load  # noqa: E402
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def tiny_cfg(**tiny_overrides):
+    return {
+        "name": "tiny",
+        "tiny": {**TINY, **tiny_overrides},
+        "dtype": "float32",
+        "device": "cpu",
+        "attn_implementation": "sdpa",
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    torch.set_num_threads(2)
+    return load(tiny_cfg())
+
+
+@pytest.fixture(scope="session")
+def tiny_mha():
+    return load(tiny_cfg(num_key_value_heads=4))
