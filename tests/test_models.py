@@ -1,0 +1,77 @@
+import filecmp
+
+import pytest
+import torch
+
+from kvbench import KVBenchError
+from kvbench.models import BYTE_TOKENIZER_DIR, build_byte_tokenizer, load, wrap_chat
+
+from .conftest import tiny_cfg
+
+
+def test_shipped_tokenizer_is_what_the_builder_writes(tmp_path):
+    build_byte_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert filecmp.cmp(tmp_path / name, BYTE_TOKENIZER_DIR / name, shallow=False), name
+
+
+def test_byte_tokenizer_round_trips_and_adds_bos(tiny_gqa):
+    _, tok = tiny_gqa
+    text = "Pass key 12345.\nünïcode ✓"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id
+    assert len(ids) == 1 + len(text.encode("utf-8"))
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_tiny_model_is_deterministic_by_seed():
+    a, _ = load(tiny_cfg())
+    b, _ = load(tiny_cfg())
+    c, _ = load({**tiny_cfg(), "seed": 1})
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.inference_mode():
+        la, lb, lc = (m(ids).logits for m in (a, b, c))
+    assert torch.equal(la, lb)
+    assert not torch.equal(la, lc)
+    assert a.config._attn_implementation == "kvbench"
+    assert a.config.kvbench_base_attention == "sdpa"
+
+
+def test_unknown_attention_and_missing_flash_attn_are_clear():
+    with pytest.raises(KVBenchError, match="one of: sdpa, eager, flash_attention_2"):
+        load({**tiny_cfg(), "attn_implementation": "xformers"})
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        with pytest.raises(KVBenchError, match=r"pip install -e '.\[gpu\]'"):
+            load({**tiny_cfg(), "attn_implementation": "flash_attention_2"})
+
+
+def test_model_missing_offline_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = {"name": "llama2-7b-chat", "path": "meta-llama/Llama-2-7b-chat-hf", "device": "cpu", "dtype": "float32"}
+    with pytest.raises(KVBenchError, match="hf download meta-llama/Llama-2-7b-chat-hf"):
+        load(cfg)
+    with pytest.raises(KVBenchError, match="no config.json"):
+        load({**cfg, "path": str(tmp_path / "nowhere")})
+
+
+def test_local_model_folder_loads(tmp_path, tiny_gqa):
+    model, tok = tiny_gqa
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = load({"name": "local", "path": str(tmp_path), "device": "cpu", "dtype": "float32"})
+    ids = torch.tensor([[1, 40, 41]])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert loaded_tok("abc").input_ids == tok("abc").input_ids
+
+
+def test_chat_formats():
+    assert wrap_chat("Q?", "llama2") == "[INST]Q?[/INST]"
+    assert wrap_chat("Q?", "vicuna").endswith(" USER: Q? ASSISTANT:")
+    assert wrap_chat("Q?", "vicuna").startswith("A chat between a curious user")
+    assert wrap_chat("Q?", "none") == "Q?"
+    with pytest.raises(KVBenchError):
+        wrap_chat("Q?", "alpaca")

@@ -1,0 +1,40 @@
+import pytest
+
+from kvbench import KVBenchError
+from kvbench.tasks import build
+from kvbench.tasks.synthetic import INTRO, NEEDLE, QUESTION, first_number
+
+
+def test_samples_are_seeded_sized_and_hold_the_needle(tiny_gqa):
+    _, tok = tiny_gqa
+    task = build({"name": "passkey", "num_samples": 6, "context_tokens": 900, "seed": 3})
+    samples = task.samples(tok)
+    again = build({"name": "passkey", "num_samples": 9, "context_tokens": 900, "seed": 3}).samples(tok)
+    assert samples == again[:6]  # sample i does not depend on how many are asked for
+    other = build({"name": "passkey", "num_samples": 6, "context_tokens": 900, "seed": 4}).samples(tok)
+    assert [s["answer"] for s in samples] != [s["answer"] for s in other]
+    for s in samples:
+        n = len(tok(s["prompt"]).input_ids)
+        assert 900 - 60 < n <= 900
+        assert NEEDLE.format(key=s["answer"]) in s["prompt"]
+        assert len(s["answer"]) == 5
+        needle = NEEDLE.format(key=s["answer"])
+        filler = len(s["prompt"]) - len(INTRO) - len(needle) - len(QUESTION)
+        before = s["prompt"].index(needle) - len(INTRO)
+        assert before / filler == pytest.approx(s["depth"], abs=0.08)  # depth is a fraction of the filler
+
+
+def test_scoring():
+    assert first_number(" 12345. The pass key") == "12345"
+    assert first_number("none") is None
+    task = build({"name": "passkey"})
+    assert task.score([{"score": 100.0}, {"score": 0.0}, {"score": 100.0}]) == {"passkey": 66.67}
+
+
+def test_bad_task_settings():
+    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: passkey"):
+        build({"name": "nope"})
+    with pytest.raises(KVBenchError, match="has no setting context_len"):
+        build({"name": "passkey", "context_len": 5})
+    with pytest.raises(KVBenchError):
+        build({"name": "passkey", "depth_min": 0.8, "depth_max": 0.2})

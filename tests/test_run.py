@@ -1,0 +1,160 @@
+"""The runner: resume, settings checks, bad input, and the command line through Hydra."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kvbench import KVBenchError
+from kvbench.run import CONFIG_DIR, check_overrides, execute
+from kvbench.tasks.synthetic import Passkey
+
+SMALL = ["task.context_tokens=300"]
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=["logger=none", f"paths.results={tmp_path}", *SMALL, *overrides])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_killed_run_resumes_without_duplicates_and_same_scores(tmp_path, monkeypatch):
+    args = ["method=streamingllm", "budget.tokens=48", "task.num_samples=8"]
+    reference = execute(config(tmp_path / "a", *args))
+
+    calls = {"n": 0}
+    original = Passkey.evaluate
+
+    def dies_after_five(self, sample, generator):
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C, or the job was killed
+        calls["n"] += 1
+        return original(self, sample, generator)
+
+    monkeypatch.setattr(Passkey, "evaluate", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        execute(config(tmp_path / "b", *args))
+    folder = tmp_path / "b" / "runs" / "tiny" / "passkey" / "streamingllm" / "tokens48"
+    assert len(read_jsonl(folder / "predictions.jsonl")) == 5
+    assert not (folder / "scores.json").exists()
+    with open(folder / "predictions.jsonl", "a") as f:
+        f.write('{"id": "passkey-5", "predic')  # killed in the middle of a write
+
+    monkeypatch.setattr(Passkey, "evaluate", original)
+    resumed = execute(config(tmp_path / "b", *args))
+    records = read_jsonl(resumed / "predictions.jsonl")
+    assert [r["id"] for r in records] == [f"passkey-{i}" for i in range(8)]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(records) == strip(read_jsonl(reference / "predictions.jsonl"))
+    assert json.loads((resumed / "scores.json").read_text()) == json.loads((reference / "scores.json").read_text())
+    meta = json.loads((resumed / "meta.json").read_text())
+    assert meta["samples"] == 8 and meta["samples_this_session"] == 3
+
+
+def test_run_folder_files_and_meta(tmp_path):
+    folder = execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=3"))
+    assert folder == tmp_path / "runs" / "tiny" / "passkey" / "streamingllm" / "tokens32"
+    assert {p.name for p in folder.iterdir()} == {"predictions.jsonl", "scores.json", "config.yaml", "meta.json"}
+    meta = json.loads((folder / "meta.json").read_text())
+    for key in ("git", "versions", "device", "seed", "wall_seconds", "timing", "memory", "kv"):
+        assert key in meta
+    assert meta["versions"]["transformers"].startswith("5.")
+    assert meta["memory"]["peak_memory_bytes"] > 0
+    assert 0 < meta["kv"]["kv_ratio"] < 1
+    assert meta["command"].startswith("python -m kvbench.run")
+    scores = json.loads((folder / "scores.json").read_text())
+    assert scores["n"] == 3 and set(scores["scores"]) == {"passkey"}
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    execute(config(tmp_path, "task.num_samples=2"))
+    with pytest.raises(KVBenchError, match="run.tag"):
+        execute(config(tmp_path, "task.num_samples=2", "task.context_tokens=320"))
+    tagged = execute(config(tmp_path, "task.num_samples=2", "task.context_tokens=320", "run.tag=ctx320"))
+    assert tagged.parent.name == "full-ctx320"
+    # more samples of the same settings extend the run instead
+    execute(config(tmp_path, "task.num_samples=3"))
+
+
+def test_bad_budget_writes_nothing(tmp_path):
+    with pytest.raises(KVBenchError, match="budget.tokens=0"):
+        execute(config(tmp_path, "method=streamingllm", "budget.tokens=0"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_override_precheck_names_valid_choices():
+    assert check_overrides(["method=full,streamingllm", "budget.tokens=32,64"]) is None
+    assert check_overrides(["method=h2oo"]) == "unknown method 'h2oo'; choose one of: full, streamingllm"
+    assert "choose one of" in check_overrides(["model=llama3"])
+    assert "choose one of" in check_overrides(["task=longbenc"])
+    assert check_overrides(["budget.tokens=0"]) == "budget.tokens=0: a budget must be a number > 0"
+    assert check_overrides(["budget.ratio=-0.5"]) is not None
+    assert check_overrides(["experiment=null", "task.limit=3"]) is None
+
+
+# ----------------------------------------------------------------------------- command line (subprocess)
+
+
+def cli(tmp_path, *args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "kvbench.run", *args, f"paths.results={tmp_path / 'results'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def wandb_runs(tmp_path):
+    return sorted((tmp_path / "results" / "wandb").glob("offline-run-*/*.wandb"))
+
+
+@pytest.mark.slow
+def test_cli_multirun_budget_sweep(tmp_path):
+    out = cli(tmp_path, "-m", "model=tiny", "method=full,streamingllm", "budget.tokens=32,64", "task.num_samples=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = tmp_path / "results" / "runs" / "tiny" / "passkey"
+    assert sorted(str(p.relative_to(runs)) for p in runs.glob("*/*")) == [
+        "full/full", "streamingllm/tokens32", "streamingllm/tokens64"
+    ]
+    table = (tmp_path / "results" / "tables" / "sweep.md").read_text()
+    assert "streamingllm" in table and "tokens64" in table and "Avg" in table
+    assert len(wandb_runs(tmp_path)) == 4  # one offline W&B run per job
+
+
+@pytest.mark.slow
+def test_cli_demo_experiment(tmp_path):
+    out = cli(tmp_path, "-m", "experiment=demo", "task.num_samples=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (tmp_path / "results" / "tables" / "demo.md").read_text().splitlines()
+    assert lines[0].split("|")[1:-1] == [" model   ", " method       ", " budget   ", "   passkey ", "   Avg "]
+    assert len(lines) == 2 + 3  # header, rule, full + streamingllm x 2 budgets
+    runs = wandb_runs(tmp_path)
+    assert len(runs) == 4
+    data = runs[-1].read_bytes()
+    for key in (b"score/passkey", b"score/avg", b"kv/ratio", b"time/tokens_per_s", b"method_name", b"demo"):
+        assert key in data, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["method=h2oo"], "unknown method 'h2oo'; choose one of: full, streamingllm"),
+        (["model=gpt5"], "unknown model 'gpt5'; choose one of:"),
+        (["method=streamingllm", "budget.tokens=0"], "a budget must be a number > 0"),
+        (["model=llama2-7b-chat", "logger=none"], "hf download meta-llama/Llama-2-7b-chat-hf"),
+    ],
+)
+def test_cli_user_errors_are_one_line(tmp_path, args, message):
+    out = cli(tmp_path, *args, env_extra={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("kvbench: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "results" / "runs").exists()
