@@ -39,7 +39,6 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m kvbench.run -m experiment=demo
-	@cat results/tables/demo.md
 
 sweep: $(STAMP)
 	$(PY) -m kvbench.run -m model=$(MODEL) task=$(TASK) method=$(METHODS) budget.tokens=$(BUDGETS)
@@ -49,7 +48,6 @@ table: $(STAMP)
 
 reproduce-table: $(STAMP)
 	$(PY) -m kvbench.run -m experiment=$(EXP)
-	@cat results/tables/$(EXP).md
 
 lint: $(STAMP)
 	$(PY) -m ruff check kvbench tests scripts
