@@ -106,10 +106,15 @@ def kvbench_attention(
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
             mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
     kwargs.pop("is_causal", None)
-    out, _ = _base_function(base)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-    if kvbench_cache is not None:
-        request = kvbench_cache.stats_request(module.layer_idx, q_len)
+    request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
+    if q_len == 1 and request.row and not request.colsum and not request.window:
+        # a decode step whose method needs the attention row: one pass gives both output and row
+        out, row = attention_with_row(query, key, value, scaling)
+        stats = Stats(n_queries=1, row=row)
+    else:
+        out, _ = _base_function(base)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         stats = compute_stats(request, query, key, scaling) if request.any() else Stats(n_queries=q_len)
+    if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
 
@@ -169,6 +174,20 @@ def attention_window(query, key, window: int, scaling=None) -> torch.Tensor:
     query_g = _grouped(query[:, :, q_len - w :], key.shape[1])
     probs = _probs(query_g, key, scaling, q_len - w, q_len)
     return probs.mean(dim=3).mean(dim=2)
+
+
+def attention_with_row(query, key, value, scaling=None):
+    """Attention of one query per head, and its softmax row averaged over each KV group.
+
+    Returns the output (B, 1, Hq, D) as the base implementations do, and the row (B, Hkv, kv_len) float32.
+    """
+    b, hq, _, d = query.shape
+    kv_heads = key.shape[1]
+    scaling = d**-0.5 if scaling is None else scaling
+    query_g = _grouped(query, kv_heads)  # (B, Hkv, G, 1, D)
+    probs = torch.softmax(torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).float() * scaling, dim=-1)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs.to(value.dtype), value).reshape(b, hq, 1, d)
+    return out.transpose(1, 2).contiguous(), probs[:, :, :, 0].mean(dim=2)
 
 
 def compute_stats(request: StatsRequest, query, key, scaling=None) -> Stats:

@@ -215,6 +215,24 @@ class CompressedLayer(CacheLayerMixin):
         self.length -= 1
 
 
+def select(layer: CompressedLayer, scores: torch.Tensor | None, budget: int, sinks: int, recent: int):
+    """Slots to keep (batch, heads, budget): the protected sinks and recent window, then the top scores
+    (the most recent when a method has no scores); among equal scores the more recent token wins.
+    Protection is a mask on a float32 copy of the scores, never a large number added to them."""
+    rank = (scores if scores is not None else layer.view("pos")).float()
+    rank = rank.masked_fill(layer.protected(sinks, recent), float("inf"))
+    newest_first = layer.view("pos").argsort(dim=-1, descending=True)
+    best = rank.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices[..., :budget]
+    return newest_first.gather(-1, best)
+
+
+def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """The slot (batch, heads) with the lowest score outside the protected tokens; the oldest among equals."""
+    scores = scores.float().masked_fill(layer.protected(sinks, recent), float("inf"))
+    ties = scores == scores.min(dim=-1, keepdim=True).values
+    return torch.where(ties, layer.view("pos"), torch.iinfo(torch.long).max).argmin(dim=-1)
+
+
 class CompressedCache(Cache):
     """The KV cache of one generation (or one stream), compressed by `method` to `budget`.
 
@@ -229,7 +247,7 @@ class CompressedCache(Cache):
         super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
         self.method = method
         self.budget_spec = budget or Budget()
-        self.budget: int | None = None
+        self.allocation: tuple[int | None, int, int] | None = None  # (C, sinks, recent), set at the prompt
         self.reserve = reserve
         self.phase = "prefill"
         self.shifted = method.positions == "shifted"
@@ -253,12 +271,12 @@ class CompressedCache(Cache):
         sin = (sin / scale).view(b, h, n, d).to(keys.dtype)
         return keys * cos + rotate_half(keys) * sin
 
-    def _resolve_budget(self, layer: CompressedLayer) -> int | None:
-        if self.budget is None and self.method.compresses:
+    def _allocate(self, layer: CompressedLayer) -> tuple[int | None, int, int]:
+        if self.allocation is None:
             if self.phase == "prefill":
                 self.prompt_len = layer.length
-            self.budget = self.budget_spec.resolve(self.prompt_len)
-        return self.budget
+            self.allocation = self.method.allocate(self.budget_spec, self.prompt_len)
+        return self.allocation
 
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
@@ -274,26 +292,16 @@ class CompressedCache(Cache):
             return
         layer = self.layers[layer_idx]
         if self.phase == "prefill":
-            budget = self._resolve_budget(layer)
+            budget, sinks, recent = self._allocate(layer)
             scores = method.prefill_scores(layer, stats)
             if budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
-                layer.compact(self.select(layer, scores, budget), extra)
+                layer.compact(select(layer, scores, budget, sinks, recent), extra)
         elif method.stage == "decode":
-            budget = self._resolve_budget(layer)
+            budget, sinks, recent = self._allocate(layer)
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
-                sinks, recent = method.split(budget)
-                order = method.eviction_scores(layer).float()
-                order = order.masked_fill(layer.protected(sinks, recent), float("inf"))
-                layer.evict(order.argmin(dim=-1))
-
-    def select(self, layer: CompressedLayer, scores: torch.Tensor | None, budget: int) -> torch.Tensor:
-        """Slots to keep (batch, heads, budget): protected sinks and recent window, then the top scores."""
-        sinks, recent = self.method.split(budget)
-        rank = (scores if scores is not None else layer.view("pos")).float()
-        rank = rank.masked_fill(layer.protected(sinks, recent), float("inf"))
-        return rank.topk(budget, dim=-1).indices
+                layer.evict(lowest(layer, method.eviction_scores(layer), sinks, recent))
 
     # -- accounting
     def kv_summary(self) -> dict:

@@ -52,7 +52,7 @@ def run_labels(cfg: dict, method, budget: Budget | None) -> dict:
     return {
         "model": cfg["model"]["name"],
         "task": cfg["task"]["name"],
-        "method": f"{method.name}-{tag}" if tag else method.name,
+        "method": f"{method.label}-{tag}" if tag else method.label,
         "budget": budget.label if budget is not None else "full",
     }
 

@@ -205,20 +205,38 @@ def test_batch_of_equal_length_prompts_matches_single(tiny_gqa):
     assert both.tokens == [one.tokens[0], two.tokens[0]]
 
 
+def method_configs():
+    import yaml
+
+    from kvbench.run import CONFIG_DIR
+
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
+
+
+@pytest.fixture(scope="module")
+def half_models():
+    return {dtype: load({**tiny_cfg(), "dtype": dtype})[0] for dtype in ("float16", "bfloat16")}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "streamingllm"}, {"name": "streamingllm", "stage": "decode"}])
-@pytest.mark.parametrize("tokens", [1, 5, 200])  # 1, sinks + 1, >= the prompt
-def test_half_precision_stays_finite(dtype, method, tokens):
-    model, _ = load({**tiny_cfg(), "dtype": dtype})
+@pytest.mark.parametrize("name", list(method_configs()))
+def test_half_precision_stays_finite(dtype, name, half_models):
+    """No NaN/inf for any method at budgets 1, sinks + 1 and >= the prompt, prefill and decode."""
+    model = half_models[dtype]
+    cfg = method_configs()[name]
     ids = prompt_ids(60, seed=9)
-    cache = CompressedCache(model, build(method), Budget(tokens=tokens))
-    with torch.inference_mode():
-        logits = forward(model, cache, ids)[:, -1]
-        cache.phase = "decode"
-        for _ in range(8):
-            assert torch.isfinite(logits).all()
-            logits = forward(model, cache, logits.argmax(-1)[:, None])[:, -1]
-    assert torch.isfinite(logits).all()
+    for tokens in (1, cfg.get("sinks", 0) + 1, 200):
+        cache = CompressedCache(model, build(cfg), Budget(tokens=tokens))
+        with torch.inference_mode():
+            logits = forward(model, cache, ids)[:, -1]
+            cache.phase = "decode"
+            for _ in range(6):
+                assert torch.isfinite(logits).all(), (name, tokens)
+                logits = forward(model, cache, logits.argmax(-1)[:, None])[:, -1]
+        assert torch.isfinite(logits).all(), (name, tokens)
+        expected = min(tokens, 60) + (0 if cfg.get("stage", "prefill") == "decode" and tokens < 66 else 6)
+        if cfg["name"] != "full":
+            assert cache.layers[0].length == min(expected, 66), (name, tokens)
 
 
 def test_bad_budgets_are_clear_errors():

@@ -5,9 +5,15 @@ from __future__ import annotations
 from kvbench import KVBenchError, build_dataclass
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full
+from kvbench.methods.h2o import H2O
+from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.methods.tova import TOVA
+from kvbench.methods.vatp import VATP, Scissorhands
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM)}
+REGISTRY: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA)
+}
 
 
 def build(cfg) -> Method:

@@ -2,8 +2,9 @@
 
 A method is a small dataclass. The engine asks it four things:
 
-- `split(C)`: how many of the budget's C tokens are protected sinks (the first
-  positions) and how many form the protected recent window;
+- `allocate(budget, L)`: the budget in tokens C for a prompt of L tokens, and
+  how many of them are protected sinks (the first positions) and how many form
+  the protected recent window (default: `budget.resolve(L)` and `split(C)`);
 - `stats_request(phase)`: which attention statistics the attention function
   must compute in this phase (`prefill` or `decode`);
 - `prefill_scores(layer, stats)`: an importance per cached token after the
@@ -19,12 +20,15 @@ positions and budgets live once in the engine, not in each method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvbench import KVBenchError
 from kvbench.attention import Stats, StatsRequest
+
+if TYPE_CHECKING:
+    from kvbench.cache import Budget
 
 STAGES = ("prefill", "decode")
 POSITIONS = ("original", "shifted")
@@ -48,6 +52,19 @@ class Method:
             raise KVBenchError(f"method.positions={self.positions} is not one of: {', '.join(POSITIONS)}")
         if self.sinks < 0:
             raise KVBenchError(f"method.sinks={self.sinks} must be >= 0")
+
+    @property
+    def label(self) -> str:
+        """The method's folder name in results/runs/ (variants that papers report as rows differ)."""
+        return self.name
+
+    def allocate(self, budget: Budget, prompt_len: int | None) -> tuple[int | None, int, int]:
+        """(C, sinks, recent) for a prompt of `prompt_len` tokens; C None means no limit."""
+        total = budget.resolve(prompt_len)
+        if total is None:
+            return None, 0, 0
+        sinks, recent = self.split(total)
+        return total, sinks, recent
 
     def split(self, budget: int) -> tuple[int, int]:
         """(sinks, recent) protected inside a budget of `budget` tokens; their sum never exceeds it."""

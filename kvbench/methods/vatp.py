@@ -1,0 +1,101 @@
+"""VATP — Guo et al., "Attention Score is not All You Need for Token Importance Indicator in KV Cache
+Reduction: Value Also Matters", arXiv:2406.12335 (code: guozhiyu/vatp).
+
+Importance is the attention score times the norm of the token's value vector:
+
+    I_j = s_j · ||v_j||_1          (norm over head_dim of that head's value; `norm: l1 | l2 | linf`)
+
+- `base: h2o` (default): s_j is H2O's accumulated attention (prompt column
+  sums, then each decode row added); even heavy/recent split.
+- `base: scissorhands` (as the VATP code runs it): the prompt score is the mean
+  attention of the last `window` (400) prompt queries; recent window
+  `recent_window` (10); for a ratio budget r of the prompt length L,
+  heavy = 2·⌊(r/2)·L⌋ − 10; decode rows are added on top.
+- the first `sinks` (20) tokens are always kept: they are flagged as protected
+  (sink tokens have tiny value norms, which is the paper's point), never given
+  a huge score. They count inside the budget.
+- The paper's 50% budget is `budget=ratio budget.ratio=0.5` (heavy 25% + recent 25%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvbench import KVBenchError
+from kvbench.attention import StatsRequest
+from kvbench.methods.h2o import H2O
+
+BASES = ("h2o", "scissorhands")
+NORMS = {"l1": 1, "l2": 2, "linf": math.inf, "none": None}
+
+
+@dataclass
+class VATP(H2O):
+    sinks: int = 20
+    base: str = "h2o"
+    norm: str = "l1"
+    window: int = 400  # scissorhands: prompt queries whose mean attention scores the prompt
+    recent_window: int = 10  # scissorhands: the recent window
+
+    name: ClassVar[str] = "vatp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base not in BASES:
+            raise KVBenchError(f"method.base={self.base} is not one of: {', '.join(BASES)}")
+        if self.norm not in NORMS:
+            raise KVBenchError(f"method.norm={self.norm} is not one of: {', '.join(NORMS)}")
+
+    @property
+    def label(self) -> str:
+        label = self.name if self.base == "h2o" else f"{self.name}-{self.base}"
+        return label if self.norm in ("l1", "none") else f"{label}-{self.norm}"
+
+    def heavy_recent(self, budget, prompt_len):
+        if self.base == "h2o":
+            return super().heavy_recent(budget, prompt_len)
+        if budget.ratio is not None and prompt_len is not None:
+            total = 2 * math.floor(budget.ratio / 2 * prompt_len)
+        else:
+            total = budget.resolve(prompt_len)
+        recent = min(self.recent_window, total)
+        return max(total - recent, 0 if recent else 1), recent
+
+    def stats_request(self, phase: str) -> StatsRequest:
+        if phase == "prefill" and self.base == "scissorhands":
+            return StatsRequest(window=self.window)
+        return super().stats_request(phase)
+
+    def value_norm(self, layer):
+        p = NORMS[self.norm]
+        values = layer.values[:, :, : layer.length].float()
+        return None if p is None else values.norm(p=p, dim=-1)
+
+    def importance(self, layer):
+        norm = self.value_norm(layer)
+        return layer.view("score") if norm is None else layer.view("score") * norm
+
+    def prefill_scores(self, layer, stats):
+        layer.view("score")[:] = stats.window if self.base == "scissorhands" else stats.colsum
+        return self.importance(layer)
+
+    def eviction_scores(self, layer):
+        return self.importance(layer)
+
+
+@dataclass
+class Scissorhands(VATP):
+    """Scissorhands (Liu et al., arXiv:2305.17118) as the VATP code runs it: VATP's `base: scissorhands`
+    scoring without the value norm and without protected sinks."""
+
+    sinks: int = 0
+    base: str = "scissorhands"
+    norm: str = "none"
+
+    name: ClassVar[str] = "scissorhands"
+
+    @property
+    def label(self) -> str:
+        return self.name
