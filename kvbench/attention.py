@@ -27,8 +27,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "kvbench"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-# Elements of one block of attention logits (batch * q_heads * block * kv_len); 2**24 fp32 = 64 MiB.
-BLOCK_ELEMENTS = 2**24
+# A block of float32 attention logits holds about half as many bytes as one layer's K and V,
+# between 16 MiB and 256 MiB: statistics never dominate the memory of a prefill.
+MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 2**22, 2**26
 
 
 @dataclass
@@ -137,14 +138,18 @@ def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.view(b, kv_heads, hq // kv_heads, q, d)
 
 
-def _probs(query_g, key, scaling, q_start, q_total) -> torch.Tensor:
-    """Softmax attention (float32) of a block of grouped queries on all keys, causal bottom-right."""
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).float() * scaling
-    kv_len = key.shape[2]
-    q_idx = torch.arange(q_start, q_start + query_g.shape[3], device=key.device)[:, None]
+def _probs(query_g, key, scaling, q_first, kv_len) -> torch.Tensor:
+    """Softmax attention (float32) of a block of grouped queries on `key`, causal.
+
+    `q_first` is the key index the block's first query sits at (it sees keys up to it).
+    Works in place on one float32 buffer of the block's logits."""
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key)
+    logits = logits.float() if logits.dtype != torch.float32 else logits
+    q_idx = torch.arange(q_first, q_first + query_g.shape[3], device=key.device)[:, None]
     k_idx = torch.arange(kv_len, device=key.device)[None, :]
-    logits = logits.masked_fill(k_idx > q_idx + (kv_len - q_total), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    logits.mul_(scaling).masked_fill_(k_idx > q_idx, float("-inf"))
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
 def attention_column_sums(query, key, scaling=None, block: int | None = None) -> torch.Tensor:
@@ -156,12 +161,17 @@ def attention_column_sums(query, key, scaling=None, block: int | None = None) ->
     kv_heads, kv_len = key.shape[1], key.shape[2]
     scaling = d**-0.5 if scaling is None else scaling
     if block is None:
-        block = max(1, BLOCK_ELEMENTS // max(1, b * hq * kv_len))
+        layer_kv_bytes = 2 * key.numel() * key.element_size()
+        elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))  # fp32: half the bytes
+        block = max(1, elements // max(1, b * hq * kv_len))
     query_g = _grouped(query, kv_heads)
     out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
+    offset = kv_len - q_len
     for start in range(0, q_len, block):
-        probs = _probs(query_g[:, :, :, start : start + block], key, scaling, start, q_len)
-        out += probs.sum(dim=3).mean(dim=2)
+        stop = min(start + block, q_len)
+        visible = offset + stop  # causal: this block sees no key past its last query
+        probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], scaling, start + offset, visible)
+        out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
     return out
 
 
@@ -172,7 +182,8 @@ def attention_window(query, key, window: int, scaling=None) -> torch.Tensor:
     d = query.shape[-1]
     scaling = d**-0.5 if scaling is None else scaling
     query_g = _grouped(query[:, :, q_len - w :], key.shape[1])
-    probs = _probs(query_g, key, scaling, q_len - w, q_len)
+    kv_len = key.shape[2]
+    probs = _probs(query_g, key, scaling, kv_len - w, kv_len)
     return probs.mean(dim=3).mean(dim=2)
 
 

@@ -140,7 +140,10 @@ class CompressedLayer(CacheLayerMixin):
         new = slice(self.length, self.length + q)
         self.keys[:, :, new] = key_states
         self.values[:, :, new] = value_states
-        self.state["pos"][:, :, new] = torch.arange(self.seen, self.seen + q, device=self.device)
+        if q == 1:
+            self.state["pos"][:, :, new].fill_(self.seen)
+        else:
+            self.state["pos"][:, :, new] = torch.arange(self.seen, self.seen + q, device=self.device)
         for name in self.owner.method.slot_state:
             self.state[name][:, :, new] = 0
         if self.owner.shifted:
@@ -208,10 +211,10 @@ class CompressedLayer(CacheLayerMixin):
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
         index = victim[..., None, None].expand(-1, -1, 1, self.keys.shape[-1])
-        for buf in (self.keys, self.values):
-            buf.scatter_(2, index, buf[:, :, last : last + 1].clone())
+        for buf in (self.keys, self.values):  # (a victim in the last slot copies onto itself)
+            buf.scatter_(2, index, buf[:, :, last : last + 1])
         for tensor in self.state.values():
-            tensor.scatter_(2, victim[..., None], tensor[:, :, last : last + 1].clone())
+            tensor.scatter_(2, victim[..., None], tensor[:, :, last : last + 1])
         self.length -= 1
 
 
@@ -227,10 +230,11 @@ def select(layer: CompressedLayer, scores: torch.Tensor | None, budget: int, sin
 
 
 def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
-    """The slot (batch, heads) with the lowest score outside the protected tokens; the oldest among equals."""
-    scores = scores.float().masked_fill(layer.protected(sinks, recent), float("inf"))
-    ties = scores == scores.min(dim=-1, keepdim=True).values
-    return torch.where(ties, layer.view("pos"), torch.iinfo(torch.long).max).argmin(dim=-1)
+    """The slot (batch, heads) with the lowest score outside the protected tokens.
+
+    This runs every decode step in every layer, so it is two ops; exact ties (rare with continuous
+    scores) go to the lowest slot index."""
+    return scores.float().masked_fill(layer.protected(sinks, recent), float("inf")).argmin(dim=-1)
 
 
 class CompressedCache(Cache):

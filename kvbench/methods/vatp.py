@@ -40,6 +40,7 @@ class VATP(H2O):
     recent_window: int = 10  # scissorhands: the recent window
 
     name: ClassVar[str] = "vatp"
+    slot_state: ClassVar[tuple[str, ...]] = ("score", "vnorm")
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,18 +69,26 @@ class VATP(H2O):
             return StatsRequest(window=self.window)
         return super().stats_request(phase)
 
-    def value_norm(self, layer):
+    def store_value_norms(self, layer, start: int) -> None:
+        """||v_j|| of the tokens in slots start.. (computed once per token, kept as per-token state)."""
         p = NORMS[self.norm]
-        values = layer.values[:, :, : layer.length].float()
-        return None if p is None else values.norm(p=p, dim=-1)
+        if p is not None:
+            values = layer.values[:, :, start : layer.length].float()
+            layer.view("vnorm")[:, :, start:] = values.norm(p=p, dim=-1)
 
     def importance(self, layer):
-        norm = self.value_norm(layer)
-        return layer.view("score") if norm is None else layer.view("score") * norm
+        if NORMS[self.norm] is None:
+            return layer.view("score")
+        return layer.view("score") * layer.view("vnorm")
 
     def prefill_scores(self, layer, stats):
         layer.view("score")[:] = stats.window if self.base == "scissorhands" else stats.colsum
+        self.store_value_norms(layer, 0)
         return self.importance(layer)
+
+    def decode_update(self, layer, stats) -> None:
+        super().decode_update(layer, stats)
+        self.store_value_norms(layer, layer.length - stats.n_queries)
 
     def eviction_scores(self, layer):
         return self.importance(layer)
