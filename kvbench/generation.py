@@ -93,6 +93,7 @@ class Generator:
     method: Method
     budget: Budget | None = None
     chat_format: str = "none"
+    max_prompt_tokens: int | None = None  # tasks that truncate prompts (LongBench) truncate to this
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids (1, n) with the tokenizer's special tokens (BOS for Llama)."""

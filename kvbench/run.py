@@ -119,7 +119,11 @@ def execute(cfg: DictConfig | dict) -> Path:
         "budget_ratio": budget.ratio if budget else None,
     }
     tracker = Tracker(resolved.get("logger"), name, _group(resolved), config_for_tracking, list(labels.values()))
-    generator = Generator(model, tokenizer, method, budget, resolved["model"].get("chat_format", "none"))
+    generator = Generator(
+        model, tokenizer, method, budget,
+        chat_format=resolved["model"].get("chat_format", "none"),
+        max_prompt_tokens=resolved["model"].get("max_prompt_tokens"),
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = datetime.now(UTC)
@@ -138,6 +142,7 @@ def execute(cfg: DictConfig | dict) -> Path:
             "scores": subtask_scores,
             "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
             "n": len(records),
+            **(task.score_details(records) if hasattr(task, "score_details") else {}),
         }
         meta = {
             **labels,

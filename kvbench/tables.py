@@ -77,7 +77,7 @@ def pivot(long: pd.DataFrame, subtask_order: list[str] | None = None) -> pd.Data
         return pd.DataFrame(columns=INDEX + ["Avg"]).set_index(INDEX)
     table = long.pivot_table(index=INDEX, columns="subtask", values="score", aggfunc="last")
     columns = [c for c in (subtask_order or []) if c in table.columns]
-    columns += sorted(c for c in table.columns if c not in columns)
+    columns += [c for c in dict.fromkeys(long["subtask"]) if c not in columns]  # the order runs list them in
     table = table[columns]
     table["Avg"] = table.mean(axis=1).round(2)
     table.columns.name = None

@@ -76,7 +76,7 @@ class Tracker:
         layer_head = meta.get("kv", {}).get("kv_kept_fraction_per_layer_head")
         if layer_head:
             self.run.summary["kv/kept_fraction_per_layer_head"] = layer_head
-        table = wandb.Table(columns=["id", "prediction", "answers", "score"])
+        table = wandb.Table(columns=["id", "prediction", "answers", "score"])  # score of a sample: 0..1
         for record in records:
             table.add_data(record.get("id"), record.get("prediction"), str(record.get("answers")), record.get("score"))
         self.run.log({"predictions": table})

@@ -219,14 +219,14 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     model = build_model(args)
     decode_rows = []
-    for budget in decode_budgets:
-        def median_ms(cfg):
-            return statistics.median(decode_step_times(model, cfg, budget, args.decode_steps, device)) * 1e3
+    def median_ms(cfg, budget):
+        return statistics.median(decode_step_times(model, cfg, budget, args.decode_steps, device)) * 1e3
 
-        sdpa_ms = median_ms(None)  # transformers' DynamicCache holding C tokens
-        full_ms = median_ms(METHODS["full"])  # kvbench's cache holding C tokens, no policy
+    for budget in decode_budgets:
+        sdpa_ms = median_ms(None, budget)  # transformers' DynamicCache holding C tokens
+        full_ms = median_ms(METHODS["full"], budget)  # kvbench's cache holding C tokens, no policy
         for method in args.decode_methods.split(","):
-            ms = median_ms(METHODS[method])
+            ms = median_ms(METHODS[method], budget)
             decode_rows.append({
                 "method": method, "budget": budget, "step_ms": round(ms, 3),
                 "sdpa_full_step_ms": round(sdpa_ms, 3), "kvbench_full_step_ms": round(full_ms, 3),

@@ -28,11 +28,11 @@ def test_scoring():
     assert first_number(" 12345. The pass key") == "12345"
     assert first_number("none") is None
     task = build({"name": "passkey"})
-    assert task.score([{"score": 100.0}, {"score": 0.0}, {"score": 100.0}]) == {"passkey": 66.67}
+    assert task.score([{"score": 1.0}, {"score": 0.0}, {"score": 1.0}]) == {"passkey": 66.67}
 
 
 def test_bad_task_settings():
-    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: passkey"):
+    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: longbench, passkey"):
         build({"name": "nope"})
     with pytest.raises(KVBenchError, match="has no setting context_len"):
         build({"name": "passkey", "context_len": 5})

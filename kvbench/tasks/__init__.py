@@ -3,15 +3,18 @@
 A task provides
 - `samples(tokenizer) -> list[dict]`: every sample, each with a stable `id`, in a fixed order;
 - `evaluate(sample, generator) -> dict`: one JSON-able record (prediction, reference, score fields);
-- `score(records) -> dict[str, float]`: scores in 0..100 per sub-task (one key for a single task).
+- `score(records) -> dict[str, float]`: scores in 0..100 per sub-task (one key for a single task);
+  each record's own `score` is in [0, 1];
+- optionally `score_details(records) -> dict`: more to store in scores.json (LongBench-E buckets).
 """
 
 from __future__ import annotations
 
 from kvbench import KVBenchError, build_dataclass
+from kvbench.tasks.longbench import LongBench
 from kvbench.tasks.synthetic import Passkey
 
-REGISTRY = {cls.name: cls for cls in (Passkey,)}
+REGISTRY = {cls.name: cls for cls in (Passkey, LongBench)}
 
 
 def build(cfg):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvbench import KVBenchError
+from kvbench.tasks.metrics import task_score
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -98,9 +99,9 @@ class Passkey:
             "prediction": text,
             "answers": [sample["answer"]],
             "depth": sample["depth"],
-            "score": 100.0 * correct,
+            "score": float(correct),
             **generation.record_fields(),
         }
 
     def score(self, records: list[dict]) -> dict[str, float]:
-        return {self.name: round(sum(r["score"] for r in records) / max(1, len(records)), 2)}
+        return {self.name: task_score([r["score"] for r in records])}
