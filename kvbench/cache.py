@@ -300,12 +300,16 @@ class CompressedCache(Cache):
             scores = method.prefill_scores(layer, stats)
             if budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
-                layer.compact(select(layer, scores, budget, sinks, recent), extra)
+                keep = select(layer, scores, budget, sinks, recent)
+                method.before_compact(layer, keep)
+                layer.compact(keep, extra)
         elif method.stage == "decode":
             budget, sinks, recent = self._allocate(layer)
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
-                layer.evict(lowest(layer, method.eviction_scores(layer), sinks, recent))
+                victim = lowest(layer, method.eviction_scores(layer), sinks, recent)
+                method.before_evict(layer, victim)
+                layer.evict(victim)
 
     # -- accounting
     def kv_summary(self) -> dict:

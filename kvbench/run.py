@@ -47,11 +47,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "method", "budget", "task", "logger", "experiment")
 
 
-def run_labels(cfg: dict, method, budget: Budget | None) -> dict:
+def run_labels(cfg: dict, task, method, budget: Budget | None) -> dict:
     tag = (cfg.get("run") or {}).get("tag")
     return {
         "model": cfg["model"]["name"],
-        "task": cfg["task"]["name"],
+        "task": getattr(task, "label", task.name),
         "method": f"{method.label}-{tag}" if tag else method.label,
         "budget": budget.label if budget is not None else "full",
     }
@@ -89,7 +89,7 @@ def execute(cfg: DictConfig | dict) -> Path:
         raise KVBenchError(f"method '{method.name}' needs a budget: budget.tokens=N, or budget=ratio budget.ratio=R")
     task = tasks.build(resolved["task"])
     limit = resolved["task"].get("limit")
-    labels = run_labels(resolved, method, budget)
+    labels = run_labels(resolved, task, method, budget)
     folder = RunFolder(run_path(resolved["paths"]["results"], **labels))
     name = "/".join(labels.values())
 
@@ -129,10 +129,16 @@ def execute(cfg: DictConfig | dict) -> Path:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     try:
-        for sample in tqdm(todo, desc=name, total=len(samples), initial=resumed, unit="sample", dynamic_ncols=True):
-            record = task.evaluate(sample, generator)
-            folder.append(record)
-            done[record["id"]] = record
+        batch_size = getattr(task, "batch_size", 1)
+        progress = tqdm(total=len(samples), initial=resumed, desc=name, unit="sample", dynamic_ncols=True)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            batch_records = task.evaluate_batch(batch, generator) if batch_size > 1 else [task.evaluate(batch[0], generator)]
+            for record in batch_records:
+                folder.append(record)
+                done[record["id"]] = record
+            progress.update(len(batch))
+        progress.close()
         wall = time.perf_counter() - t0
 
         records = [done[s["id"]] for s in samples]

@@ -218,7 +218,7 @@ def test_every_registered_method_has_a_config_and_a_case():
 
     names = {build(__import__("yaml").safe_load(p.read_text())).name for p in (CONFIG_DIR / "method").glob("*.yaml")}
     assert names == set(REGISTRY)
-    assert {c[0]["name"] for c in CASES} | {"full"} == set(REGISTRY)
+    assert {c[0]["name"] for c in CASES} | {"full", "weightedkv"} == set(REGISTRY)  # weightedkv: test_weightedkv.py
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def test_override_precheck_names_valid_choices():
     assert check_overrides(["method=full,streamingllm", "budget.tokens=32,64"]) is None
     assert check_overrides(["method=h2oo"]) == (
         "unknown method 'h2oo'; choose one of: full, h2o, scissorhands, snapkv, streamingllm, tova, vatp, "
-        "vatp-scissorhands"
+        "vatp-scissorhands, weightedkv"
     )
     assert "choose one of" in check_overrides(["model=llama3"])
     assert "choose one of" in check_overrides(["task=longbenc"])

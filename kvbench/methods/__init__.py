@@ -10,9 +10,10 @@ from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.tova import TOVA
 from kvbench.methods.vatp import VATP, Scissorhands
+from kvbench.methods.weightedkv import WeightedKV
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV)
 }
 
 

@@ -80,6 +80,14 @@ class Method:
     def decode_update(self, layer, stats: Stats) -> None:
         return None
 
+    def before_compact(self, layer, keep: torch.Tensor) -> None:
+        """Called with the slots about to be kept at the prompt cut (methods that merge act here)."""
+        return None
+
+    def before_evict(self, layer, victim: torch.Tensor) -> None:
+        """Called with the slot (batch, heads) about to be evicted at a decode step."""
+        return None
+
     def eviction_scores(self, layer) -> torch.Tensor:
         """Lowest is evicted first; default: the oldest position (recency)."""
         return layer.state["pos"][:, :, : layer.length].float()

@@ -5,16 +5,19 @@ A task provides
 - `evaluate(sample, generator) -> dict`: one JSON-able record (prediction, reference, score fields);
 - `score(records) -> dict[str, float]`: scores in 0..100 per sub-task (one key for a single task);
   each record's own `score` is in [0, 1];
-- optionally `score_details(records) -> dict`: more to store in scores.json (LongBench-E buckets).
+- optionally `score_details(records) -> dict`: more to store in scores.json (LongBench-E buckets);
+  `label` (the run folder and score column when it is not `name`); `batch_size` with
+  `evaluate_batch(samples, generator)` to evaluate several samples at once.
 """
 
 from __future__ import annotations
 
 from kvbench import KVBenchError, build_dataclass
 from kvbench.tasks.longbench import LongBench
+from kvbench.tasks.perplexity import Perplexity
 from kvbench.tasks.synthetic import Passkey
 
-REGISTRY = {cls.name: cls for cls in (Passkey, LongBench)}
+REGISTRY = {cls.name: cls for cls in (Passkey, LongBench, Perplexity)}
 
 
 def build(cfg):

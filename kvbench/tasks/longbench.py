@@ -118,6 +118,10 @@ class LongBench:
 
     name: ClassVar[str] = "longbench"
 
+    @property
+    def label(self) -> str:
+        return self.name if self.variant == "standard" else f"{self.name}_{self.variant}"
+
     def __post_init__(self):
         self.files = data_files(self.variant, self.subsets)
 
