@@ -10,7 +10,8 @@ Heavy hitters by accumulated attention, plus a recent window:
   the lowest s outside the recent window is evicted, and its score is gone.
 - the split is even by default, R = C/2 (`recent_fraction`). A ratio budget r
   is split as the reference code does: heavy = ⌊r·(1-f)·L⌋, recent = ⌊r·f·L⌋
-  of the prompt length L. No sinks by default.
+  of the prompt length L. No sinks by default; `sinks_in_recent` takes them out
+  of the recent share, as WeightedKV's baselines do (4 + (C/2 - 4) + C/2).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kvbench.methods.base import Method
 class H2O(Method):
     stage: str = "decode"
     recent_fraction: float = 0.5  # share of the budget that is the recent window
+    sinks_in_recent: bool = False  # take the sinks out of the recent share (WeightedKV's layout: 4 + C/2-4 + C/2)
 
     name: ClassVar[str] = "h2o"
     slot_state: ClassVar[tuple[str, ...]] = ("score",)
@@ -52,7 +54,14 @@ class H2O(Method):
             return None, 0, 0
         heavy, recent = self.heavy_recent(budget, prompt_len)
         total = heavy + recent
+        if self.sinks_in_recent:
+            sinks = min(self.sinks, recent)
+            return total, sinks, recent - sinks
         return total, min(self.sinks, total - recent), recent
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-sink{self.sinks}" if self.sinks and self.name == "h2o" else self.name
 
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest(colsum=True) if phase == "prefill" else StatsRequest(row=True)
