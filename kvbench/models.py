@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from kvbench import KVBenchError
 from kvbench.attention import BASE_IMPLEMENTATIONS, install
 
-BYTE_TOKENIZER_DIR = Path(__file__).parent / "assets" / "byte_tokenizer"
+ASSETS_DIR = Path(__file__).parent / "assets"
+BYTE_TOKENIZER_DIR = ASSETS_DIR / "byte_tokenizer"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -139,10 +140,15 @@ def load(cfg) -> tuple[torch.nn.Module, object]:
     if cfg.get("tiny"):
         model, tokenizer = build_tiny(cfg["tiny"], seed=int(cfg.get("seed") or 0))
         model = model.to(dtype)
+    elif cfg.get("asset"):  # a model shipped inside the package (the trained tiny model)
+        folder = ASSETS_DIR / cfg["asset"]
+        if not (folder / "config.json").exists():
+            raise KVBenchError(f"the shipped model {folder} is missing; regenerate it with `python scripts/train_tiny.py`")
+        model, tokenizer = _load_pretrained(str(folder), dtype, "sdpa" if attn == "eager" else attn)
     elif cfg.get("path"):
         model, tokenizer = _load_pretrained(str(cfg["path"]), dtype, "sdpa" if attn == "eager" else attn)
     else:
-        raise KVBenchError(f"model config '{cfg.get('name')}' has neither `path` nor `tiny`; set model.path")
+        raise KVBenchError(f"model config '{cfg.get('name')}' has no `path`, `asset` or `tiny`; set model.path")
     model = model.to(device).eval()
     install(model, base=attn)
     return model, tokenizer

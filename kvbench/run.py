@@ -192,9 +192,15 @@ class SweepTableCallback(Callback):
         listing = Path(config.hydra.sweep.dir) / "runs.txt"
         if not listing.exists():
             return
+        from kvbench.plots import budget_vs_score
+        from kvbench.tables import collect
+
         folders = sorted(set(listing.read_text().split()))
         table, paths = build_table(self.results_dir, self.table_name, folders=folders)
         print(f"\n{table.reset_index().to_markdown(index=False, floatfmt='.2f')}\n\nwrote {paths['md']}")
+        plot = Path(self.results_dir) / "plots" / f"{self.table_name}_budget_vs_score.png"
+        if budget_vs_score(collect(folders), plot, title=self.table_name):
+            print(f"wrote {plot}")
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

@@ -75,3 +75,19 @@ def test_chat_formats():
     assert wrap_chat("Q?", "none") == "Q?"
     with pytest.raises(KVBenchError):
         wrap_chat("Q?", "alpaca")
+
+
+def test_shipped_asset_model_loads(tmp_path, monkeypatch, tiny_gqa):
+    import kvbench.models as models
+
+    model, tok = tiny_gqa
+    (tmp_path / "tiny-llama").mkdir()
+    model.save_pretrained(tmp_path / "tiny-llama")
+    tok.save_pretrained(tmp_path / "tiny-llama")
+    monkeypatch.setattr(models, "ASSETS_DIR", tmp_path)
+    loaded, _ = load({"name": "tiny", "asset": "tiny-llama", "device": "cpu", "dtype": "float32"})
+    ids = torch.tensor([[1, 40, 41]])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(KVBenchError, match="scripts/train_tiny.py"):
+        load({"name": "tiny", "asset": "nope", "device": "cpu", "dtype": "float32"})

@@ -32,9 +32,37 @@ def test_scoring():
 
 
 def test_bad_task_settings():
-    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: longbench, passkey"):
+    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: longbench, multikey, passkey, perplexity"):
         build({"name": "nope"})
     with pytest.raises(KVBenchError, match="has no setting context_len"):
         build({"name": "passkey", "context_len": 5})
     with pytest.raises(KVBenchError):
         build({"name": "passkey", "depth_min": 0.8, "depth_max": 0.2})
+
+
+def test_multikey_samples(tiny_gqa):
+    from kvbench.tasks.synthetic import MULTI_NEEDLE
+
+    _, tok = tiny_gqa
+    task = build({"name": "multikey", "num_samples": 4, "context_tokens": 700, "num_keys": 3})
+    for s in task.samples(tok):
+        assert 640 < len(tok(s["prompt"]).input_ids) <= 700
+        assert s["prompt"].count("The key for the ") == 4  # three needles and the question
+        asked = s["prompt"].rsplit("What is the key for the ", 1)[1].split("?")[0]
+        assert MULTI_NEEDLE.format(name=asked, key=s["answer"]) in s["prompt"]
+
+
+def test_training_documents_have_exact_length_and_answer():
+    import random
+
+    from kvbench.tasks.synthetic import training_document
+
+    for kind in ("passkey", "multikey", "copy", "repeat", "text"):
+        for n in (159, 320, 1000, 1279):
+            text, answer_at = training_document(kind, random.Random(n), n)
+            assert len(text) == n and text.isascii()
+            if kind in ("passkey", "multikey"):
+                assert text[answer_at:].strip(" .").isdigit() and text[:answer_at].endswith(" is")
+            if kind == "copy":  # the answer repeats the bracketed string that appeared earlier
+                answer = text[answer_at - 1 :]
+                assert answer.startswith("[") and answer.endswith("]") and text.count(answer) == 2

@@ -52,3 +52,18 @@ def test_cli_on_empty_and_full_folders(tmp_path, capsys):
     fake_run(tmp_path, "tiny", "passkey", "full", "full", {"passkey": 100.0})
     assert main(["--results", str(tmp_path), "--name", "x"]) == 0
     assert (tmp_path / "tables" / "x.md").exists()
+
+
+def test_budget_vs_score_plot(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from kvbench.plots import budget_vs_score
+    from kvbench.tables import collect, find_runs
+
+    fake_run(tmp_path, "tiny", "passkey", "full", "full", {"passkey": 100.0})
+    fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 80.0}, 64)
+    fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens192", {"passkey": 95.0}, 192)
+    fake_run(tmp_path, "tiny", "ppl", "h2o", "tokens64", {"ppl_synthetic": 3.2}, 64)
+    out = budget_vs_score(collect(find_runs(tmp_path)), tmp_path / "plots" / "p.png")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,9 +15,9 @@ from __future__ import annotations
 from kvbench import KVBenchError, build_dataclass
 from kvbench.tasks.longbench import LongBench
 from kvbench.tasks.perplexity import Perplexity
-from kvbench.tasks.synthetic import Passkey
+from kvbench.tasks.synthetic import MultiKey, Passkey
 
-REGISTRY = {cls.name: cls for cls in (Passkey, LongBench, Perplexity)}
+REGISTRY = {cls.name: cls for cls in (Passkey, MultiKey, LongBench, Perplexity)}
 
 
 def build(cfg):

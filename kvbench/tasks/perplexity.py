@@ -34,6 +34,7 @@ from kvbench.cache import CompressedCache
 from kvbench.generation import forward
 
 DATASETS = {  # name -> (hub id, config, split, text field); every one also loads from a local file
+    "synthetic": ("synthetic", None, "test", "text"),  # held-out text of the seeded grammar (no download)
     "pg19": ("emozilla/pg19-test", None, "test", "text"),
     "proofpile": ("hoskinson-center/proof-pile", None, "test", "text"),
     "arxiv": ("timaeus/pile-arxiv", None, "train", "text"),
@@ -82,6 +83,10 @@ def sliding_nll(model, method, budget, input_ids: torch.Tensor, window: int, pro
 
 def load_documents(source: str, config: str | None, split: str, field: str) -> list[str]:
     """Documents from a local .jsonl/.parquet/.txt file (or a folder of .txt files), or a hub dataset."""
+    if source == "synthetic":  # the tiny model's held-out text: the filler grammar under another seed
+        from kvbench.tasks.synthetic import filler_text
+
+        return [filler_text(random.Random(f"ppl-text/{i}"), 20_000) for i in range(64)]
     path = Path(source).expanduser()
     if path.is_dir():
         return [p.read_text(encoding="utf-8") for p in sorted(path.glob("*.txt"))]
