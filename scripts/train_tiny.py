@@ -1,7 +1,7 @@
 """Train kvbench's tiny Llama on synthetic long-context documents, on the CPU, and save it for `model=tiny`.
 
     python scripts/train_tiny.py                        # configs/train/tiny.yaml: ~18 minutes on 2 cores
-    python scripts/train_tiny.py max_minutes=2 out=/tmp/tiny-test
+    python scripts/train_tiny.py max_minutes=2 out=scratch/tiny-test
 
 The documents (kvbench.tasks.synthetic.training_document) mix passkey and
 multi-key retrieval, where the answer must be copied from far back, with
