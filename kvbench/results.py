@@ -186,17 +186,15 @@ def kv_meta(records: list[dict]) -> dict:
     """KV tokens/bytes kept vs a full cache, summed over samples, and the kept fraction per layer and head."""
     sums = {k: sum(r.get(k, 0) for r in records) for k in ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes")}
     sums["kv_ratio"] = round(sums["kv_kept_bytes"] / sums["kv_full_bytes"], 6) if sums["kv_full_bytes"] else None
-    grids = [r["kv_kept_per_layer_head"] for r in records if r.get("kv_kept_per_layer_head")]
-    if grids:
-        fractions = []
-        for record, grid in zip((r for r in records if r.get("kv_kept_per_layer_head")), grids):
-            cells = sum(len(row) for row in grid)
-            full_per_head = record["kv_full_tokens"] / cells if cells else 0
-            fractions.append([[kept / full_per_head if full_per_head else 1.0 for kept in row] for row in grid])
-        sums["kv_kept_fraction_per_layer_head"] = [
-            [round(sum(f[i][j] for f in fractions) / len(fractions), 4) for j in range(len(fractions[0][i]))]
-            for i in range(len(fractions[0]))
-        ]
+    fractions = []  # per record: kept / seen tokens of each (layer, head); every head sees the same tokens
+    for record in records:
+        grid = record.get("kv_kept_per_layer_head")
+        if grid:
+            seen = record["kv_full_tokens"] / sum(len(row) for row in grid)
+            fractions.append([[kept / seen for kept in row] for row in grid])
+    if fractions:
+        mean = [[sum(cells) / len(fractions) for cells in zip(*rows)] for rows in zip(*fractions)]
+        sums["kv_kept_fraction_per_layer_head"] = [[round(x, 4) for x in row] for row in mean]
     return sums
 
 

@@ -85,7 +85,3 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
-
-    @property
-    def directory(self) -> str | None:
-        return None if self.run is None else self.run.dir

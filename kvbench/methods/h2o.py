@@ -61,7 +61,7 @@ class H2O(Method):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-sink{self.sinks}" if self.sinks and self.name == "h2o" else self.name
+        return f"{self.name}-sink{self.sinks}" if self.sinks else self.name  # VATP and Scissorhands override
 
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest(colsum=True) if phase == "prefill" else StatsRequest(row=True)

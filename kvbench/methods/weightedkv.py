@@ -39,6 +39,15 @@ def merged_value(v_j: torch.Tensor, abar_j: torch.Tensor, v_r: torch.Tensor, aba
     return torch.where((total > 0)[..., None], merged, v_r.float()).to(v_r.dtype)
 
 
+def merge_into_right(values, j, r, abar_j, abar_r, has_right) -> None:
+    """In place: v_r <- merged_value(v_j, ā_j, v_r, ā_r) per (batch, head); v_r unchanged without a right neighbour."""
+    index = r[..., None, None].expand(-1, -1, 1, values.shape[-1])
+    v_j = values.gather(2, j[..., None, None].expand_as(index))[:, :, 0]
+    v_r = values.gather(2, index)[:, :, 0]
+    merged = torch.where(has_right[..., None], merged_value(v_j, abar_j, v_r, abar_r), v_r)
+    values.scatter_(2, index, merged[:, :, None])
+
+
 @dataclass
 class WeightedKV(Method):
     stage: str = "decode"
@@ -81,11 +90,7 @@ class WeightedKV(Method):
         has_right = right.gather(2, r[..., None])[..., 0] != torch.iinfo(torch.long).max
         abar = self.average(layer)
         a_j, a_r = abar.gather(2, victim[..., None])[..., 0], abar.gather(2, r[..., None])[..., 0]
-        index = r[..., None, None].expand(-1, -1, 1, layer.values.shape[-1])
-        v_j = layer.values.gather(2, victim[..., None, None].expand_as(index))[:, :, 0]
-        v_r = layer.values.gather(2, index)[:, :, 0]
-        merged = torch.where(has_right[..., None], merged_value(v_j, a_j, v_r, a_r), v_r)  # no right: nothing to do
-        layer.values.scatter_(2, index, merged[:, :, None])
+        merge_into_right(layer.values, victim, r, a_j, a_r, has_right)
 
     def before_compact(self, layer, keep: torch.Tensor) -> None:
         """Replay the prompt's merges: evicted tokens in ascending ā (then position), each into its
@@ -102,7 +107,6 @@ class WeightedKV(Method):
         slots = torch.arange(n + 2, device=device).expand(batch, heads, -1)
         nxt, prv = (slots + 1).clone(), (slots - 1).clone()
         values = layer.values[:, :, :n]
-        d = values.shape[-1]
         for step in range(order.shape[-1]):
             j = order[..., step]  # (B, H), a slot 0..n-1
             node = j + 1
@@ -111,10 +115,6 @@ class WeightedKV(Method):
             has_right = r_node <= n
             r = (r_node - 1).clamp(max=n - 1)
             a_j, a_r = abar.gather(2, j[..., None])[..., 0], abar.gather(2, r[..., None])[..., 0]
-            index = r[..., None, None].expand(-1, -1, 1, d)
-            v_j = values.gather(2, j[..., None, None].expand(-1, -1, 1, d))[:, :, 0]
-            v_r = values.gather(2, index)[:, :, 0]
-            merged = torch.where(has_right[..., None], merged_value(v_j, a_j, v_r, a_r), v_r)
-            values.scatter_(2, index, merged[:, :, None])
+            merge_into_right(values, j, r, a_j, a_r, has_right)
             nxt.scatter_(2, p_node[..., None], r_node[..., None])
             prv.scatter_(2, r_node[..., None], p_node[..., None])

@@ -142,26 +142,32 @@ class LongBench:
             return False
         return True
 
-    def load(self, stem: str) -> list[dict]:
+    def _load_local(self, stem: str) -> list[dict] | None:
         folder = Path(self.data_dir)
-        for attempt in range(2):
-            if (folder / f"{stem}.jsonl").exists():
-                with open(folder / f"{stem}.jsonl", encoding="utf-8") as f:
-                    return [json.loads(line) for line in f if line.strip()]
-            if (folder / f"{stem}.parquet").exists():
-                import pandas as pd
+        if (folder / f"{stem}.jsonl").exists():
+            with open(folder / f"{stem}.jsonl", encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if (folder / f"{stem}.parquet").exists():
+            import pandas as pd
 
-                return pd.read_parquet(folder / f"{stem}.parquet").to_dict("records")
-            if self.parquet_repo:
-                from datasets import load_dataset
+            return pd.read_parquet(folder / f"{stem}.parquet").to_dict("records")
+        return None
 
-                try:
-                    return list(load_dataset(self.parquet_repo, stem, split="test"))
-                except Exception as err:  # noqa: BLE001
-                    raise KVBenchError(f"could not load {stem} from task.parquet_repo={self.parquet_repo}: {err}") from err
-            if attempt == 0 and not self._download():
-                break
-        raise self._missing(stem)
+    def load(self, stem: str) -> list[dict]:
+        """A local file, else the parquet mirror, else the official data.zip (then the local file again)."""
+        rows = self._load_local(stem)
+        if rows is None and self.parquet_repo:
+            from datasets import load_dataset
+
+            try:
+                return list(load_dataset(self.parquet_repo, stem, split="test"))
+            except Exception as err:  # noqa: BLE001
+                raise KVBenchError(f"could not load {stem} from task.parquet_repo={self.parquet_repo}: {err}") from err
+        if rows is None and self._download():
+            rows = self._load_local(stem)
+        if rows is None:
+            raise self._missing(stem)
+        return rows
 
     def samples(self, tokenizer=None) -> list[dict]:
         out = []

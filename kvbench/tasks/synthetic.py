@@ -121,6 +121,19 @@ def training_document(kind: str, rng: random.Random, n_chars: int) -> tuple[str,
     return text + answer, len(text)
 
 
+def fill_sentences(rng: random.Random, tokenizer, room: int) -> list[str]:
+    """Seeded filler sentences, as many as fit in `room` tokens (not counting the tokenizer's BOS)."""
+    empty = len(tokenizer("").input_ids)
+    sentences, used = [], 0
+    while True:
+        (sentence,) = filler_sentences(rng, 1)
+        cost = len(tokenizer(sentence).input_ids) - empty
+        if used + cost > room:
+            return sentences
+        sentences.append(sentence)
+        used += cost
+
+
 def first_number(text: str) -> str | None:
     match = re.search(r"\d+", text)
     return match.group(0) if match else None
@@ -150,20 +163,10 @@ class Passkey:
         depth = rng.uniform(self.depth_min, self.depth_max)
         needle = NEEDLE.format(key=key)
 
-        def n_tokens(text: str) -> int:
-            return len(tokenizer(text).input_ids)
-
-        fixed = n_tokens(INTRO + needle + QUESTION)
+        fixed = len(tokenizer(INTRO + needle + QUESTION).input_ids)
         if fixed > self.context_tokens:
             raise KVBenchError(f"task.context_tokens={self.context_tokens} is shorter than the passkey prompt ({fixed})")
-        sentences, used = [], fixed
-        while True:
-            (sentence,) = filler_sentences(rng, 1)
-            cost = n_tokens(sentence) - n_tokens("")  # without the BOS the tokenizer adds
-            if used + cost > self.context_tokens:
-                break
-            sentences.append(sentence)
-            used += cost
+        sentences = fill_sentences(rng, tokenizer, self.context_tokens - fixed)
         cut = round(depth * len(sentences))
         prompt = INTRO + "".join(sentences[:cut]) + needle + "".join(sentences[cut:]) + QUESTION
         return {"id": f"passkey-{index}", "prompt": prompt, "answer": key, "depth": round(depth, 4)}
@@ -206,15 +209,7 @@ class MultiKey(Passkey):
         fixed = len(tokenizer(MULTI_INTRO + "".join(needles) + question).input_ids)
         if fixed > self.context_tokens:
             raise KVBenchError(f"task.context_tokens={self.context_tokens} is shorter than the prompt ({fixed})")
-        sentences, used = [], fixed
-        empty = len(tokenizer("").input_ids)
-        while True:
-            (sentence,) = filler_sentences(rng, 1)
-            cost = len(tokenizer(sentence).input_ids) - empty
-            if used + cost > self.context_tokens:
-                break
-            sentences.append(sentence)
-            used += cost
+        sentences = fill_sentences(rng, tokenizer, self.context_tokens - fixed)
         cuts = sorted(rng.randint(round(self.depth_min * len(sentences)), round(self.depth_max * len(sentences)))
                       for _ in needles)
         body, last = [], 0
