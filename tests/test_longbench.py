@@ -233,9 +233,28 @@ def test_all_16_tasks_run_and_tabulate(tmp_path):
 @pytest.mark.slow
 def test_longbench_e_buckets(tmp_path):
     folder = run_longbench(tmp_path, "task=longbench_e", "task.subsets=[trec,hotpotqa]", "method=h2o", "budget.tokens=48")
+    assert folder.parts[-3] == "longbench_e"  # variants do not share a run folder
     scores = json.loads((folder / "scores.json").read_text())
     assert list(scores["scores"]) == ["hotpotqa", "trec"]  # the papers' order, not the config's
     buckets = scores["length_buckets"]
     assert set(buckets) == {"hotpotqa", "trec"}
     assert set(buckets["trec"]) == {"0-4k", "4-8k", "8k+"}
     assert all(v is not None for v in buckets["trec"].values())
+
+
+def test_missing_file_is_fetched_from_the_data_zip_when_online(tmp_path, monkeypatch):
+    import shutil
+
+    import kvbench.tasks.longbench as longbench
+
+    def fake_extract(repo, out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / "trec.jsonl", Path(out_dir) / "trec.jsonl")
+        return Path(out_dir)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(longbench, "extract_data_zip", fake_extract)
+    task = build({"name": "longbench", "data_dir": str(tmp_path / "lb"), "subsets": ["trec"]})
+    assert len(task.samples()) == 2
+    with pytest.raises(KVBenchError, match="prepare_longbench"):  # downloads disabled: the clear error
+        build({"name": "longbench", "data_dir": str(tmp_path / "x"), "subsets": ["trec"], "download": False}).samples()

@@ -261,3 +261,11 @@ def test_labels_keep_variants_apart():
     assert build({"name": "vatp", "base": "scissorhands"}).label == "vatp-scissorhands"
     assert build({"name": "vatp", "norm": "l2"}).label == "vatp-l2"
     assert build({"name": "scissorhands"}).label == "scissorhands"
+
+
+def test_h2o_laid_out_as_weightedkv_baselines():
+    method = build({"name": "h2o", "sinks": 4, "sinks_in_recent": True})
+    assert method.allocate(Budget(tokens=1024), None) == (1024, 4, 508)  # 4 + 508 recent + 512 heavy
+    assert method.allocate(Budget(tokens=256), None) == (256, 4, 124)
+    assert method.label == "h2o-sink4" and build({"name": "h2o"}).label == "h2o"
+    assert build({"name": "h2o", "sinks": 4}).allocate(Budget(tokens=256), None) == (256, 4, 128)

@@ -141,3 +141,12 @@ def test_end_to_end_batched_run_and_table(tmp_path):
     table, _ = build_table(tmp_path, "ppl")
     assert list(table.columns) == ["ppl_pg19", "Avg"] and len(table) == 2
     assert full.parts[-1] == "full"
+
+
+def test_synthetic_source_is_seeded_grammar_text(tiny_gqa):
+    _, tok = tiny_gqa
+    task = build_task({"name": "perplexity", "dataset": "synthetic", "num_samples": 3, "num_tokens": 64})
+    a, b = task.samples(tok), task.samples(tok)
+    assert a == b and len(a) == 3 and all(len(s["input_ids"]) == 64 for s in a)
+    text = tok.decode(a[0]["input_ids"], skip_special_tokens=True)
+    assert not any(ch.isdigit() for ch in text) and text.count(".") >= 3  # filler sentences, no keys
