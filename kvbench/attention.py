@@ -107,6 +107,9 @@ def kvbench_attention(
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
             mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
     kwargs.pop("is_causal", None)
+    ragged = kvbench_cache.layers[module.layer_idx].ragged if kvbench_cache is not None else None
+    if ragged is not None:  # per-head budgets after the prompt: no statistics, decoded tokens appended
+        return ragged.attention(query, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
     if q_len == 1 and request.row and not request.colsum and not request.window:
         # a decode step whose method needs the attention row: one pass gives both output and row

@@ -19,6 +19,10 @@ order; every rule is stated on positions.
   length, and keys are returned rotated from the position they were stored at
   to their current rank (the stored keys are never re-rotated in place, so no
   rounding error accumulates over a long stream).
+- per-head budgets (HeadKV, Ada-SnapKV, PyramidKV: `method.per_head`): at the
+  prompt each head keeps its own number of tokens and the layer moves to a
+  ragged store (`kvbench.ragged.RaggedKV`, stored bytes = the sum of the head
+  budgets); decoded tokens are appended to it.
 - a prompt no longer than the budget is left alone.
 """
 
@@ -33,6 +37,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvbench import KVBenchError
 from kvbench.attention import Stats, StatsRequest
 from kvbench.methods.base import Method
+from kvbench.methods.headwise import ModelShape
+from kvbench.ragged import RaggedKV
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0  # tokens ever written (the next original position)
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
+        self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
 
     # -- transformers' CacheLayerMixin interface
     def lazy_initialization(self, key_states, value_states):
@@ -131,6 +138,10 @@ class CompressedLayer(CacheLayerMixin):
         self.keys, self.values, self.state = keys, values, state
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.ragged is not None:  # kvbench_attention reads the ragged store itself
+            self.ragged.append(key_states, value_states)
+            self.seen += key_states.shape[2]
+            return key_states, value_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
@@ -162,6 +173,8 @@ class CompressedLayer(CacheLayerMixin):
         return keys
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.ragged is not None:
+            return self.ragged.max_len + self.ragged.decoded + query_length, 0
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -175,6 +188,7 @@ class CompressedLayer(CacheLayerMixin):
         self.state = {}
         self.length = self.seen = 0
         self.moved = False
+        self.ragged = None
         self.is_initialized = False
 
     # -- compression
@@ -203,6 +217,18 @@ class CompressedLayer(CacheLayerMixin):
             self.moved = True
         self.keys, self.values, self.state, self.length = keys, values, state, kept
 
+    def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
+        """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
+
+        The dense buffers are freed; `reserve` slots per head wait for decoded tokens."""
+        self.ragged = RaggedKV(
+            self.keys[:, :, : self.length], self.values[:, :, : self.length], keep, self.view("pos"),
+            self.seen, reserve,
+        )
+        self.keys = self.values = None
+        self.state = {}
+        self.length = 0
+
     def evict(self, victim: torch.Tensor) -> None:
         """Drop slot `victim` (batch, heads) in every head; the last slot moves into its place."""
         last = self.length - 1
@@ -229,6 +255,16 @@ def select(layer: CompressedLayer, scores: torch.Tensor | None, budget: int, sin
     return newest_first.gather(-1, best)
 
 
+def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Boolean keep mask (batch, heads, n): the top `budgets[b, h]` scores of each head, the more recent
+    token winning ties. Slots must be in position order (a fresh cache at the prompt)."""
+    newest_first = scores.float().flip(-1)
+    order = newest_first.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (ranks < budgets[..., None]).flip(-1)
+
+
 def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
     """The slot (batch, heads) with the lowest score outside the protected tokens.
 
@@ -248,6 +284,8 @@ class CompressedCache(Cache):
     def __init__(self, model, method: Method, budget: Budget | None = None, reserve: int = 0):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         num_layers = config.num_hidden_layers
+        query_heads = getattr(config, "num_attention_heads", None)
+        self.shape = ModelShape(num_layers, query_heads, getattr(config, "num_key_value_heads", None) or query_heads)
         super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
         self.method = method
         self.budget_spec = budget or Budget()
@@ -298,7 +336,10 @@ class CompressedCache(Cache):
         if self.phase == "prefill":
             budget, sinks, recent = self._allocate(layer)
             scores = method.prefill_scores(layer, stats)
-            if budget is not None and layer.length > budget:
+            if budget is not None and layer.length > budget and method.per_head:
+                budgets = method.head_budgets(layer_idx, scores, budget, self.shape)
+                layer.to_ragged(select_per_head(scores, budgets), self.reserve)
+            elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
                 keep = select(layer, scores, budget, sinks, recent)
                 method.before_compact(layer, keep)
@@ -317,6 +358,16 @@ class CompressedCache(Cache):
         kept_tokens = full_tokens = kept_bytes = full_bytes = 0
         per_layer = []
         for layer in self.layers:
+            if layer.ragged is not None:  # sequence 0 of a ragged store: its heads differ in length
+                ragged = layer.ragged
+                kept = ragged.kept_per_head[0]
+                per_token = 2 * ragged.head_dim * ragged.prefix_keys.element_size()
+                kept_tokens += int(kept.sum())
+                full_tokens += ragged.heads * layer.seen
+                kept_bytes += int(kept.sum()) * per_token
+                full_bytes += ragged.heads * layer.seen * per_token
+                per_layer.append(kept.tolist())
+                continue
             if not layer.is_initialized or layer.keys is None:
                 continue
             heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]

@@ -186,16 +186,22 @@ def kv_meta(records: list[dict]) -> dict:
     """KV tokens/bytes kept vs a full cache, summed over samples, and the kept fraction per layer and head."""
     sums = {k: sum(r.get(k, 0) for r in records) for k in ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes")}
     sums["kv_ratio"] = round(sums["kv_kept_bytes"] / sums["kv_full_bytes"], 6) if sums["kv_full_bytes"] else None
-    fractions = []  # per record: kept / seen tokens of each (layer, head); every head sees the same tokens
+    fractions, grids = [], []  # per record: kept / seen tokens of each (layer, head); every head sees the same tokens
     for record in records:
         grid = record.get("kv_kept_per_layer_head")
         if grid:
             seen = record["kv_full_tokens"] / sum(len(row) for row in grid)
             fractions.append([[kept / seen for kept in row] for row in grid])
+            grids.append(grid)
     if fractions:
-        mean = [[sum(cells) / len(fractions) for cells in zip(*rows)] for rows in zip(*fractions)]
-        sums["kv_kept_fraction_per_layer_head"] = [[round(x, 4) for x in row] for row in mean]
+        sums["kv_kept_fraction_per_layer_head"] = _mean_grid(fractions, 4)
+        sums["kv_kept_tokens_per_layer_head"] = _mean_grid(grids, 2)  # per-head budgets (HeadKV) show here
     return sums
+
+
+def _mean_grid(grids: list[list[list[float]]], digits: int) -> list[list[float]]:
+    mean = [[sum(cells) / len(grids) for cells in zip(*rows)] for rows in zip(*grids)]
+    return [[round(x, digits) for x in row] for row in mean]
 
 
 def timing_meta(records: list[dict]) -> dict:

@@ -169,14 +169,8 @@ def decode_step_times(model, method_cfg, budget: int, steps: int, device) -> lis
     return times
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--methods", default="sdpa-full,full,streamingllm,h2o,vatp,snapkv,tova")
-    parser.add_argument("--budget", type=int, default=512, help="tokens kept per head after the prompt")
-    parser.add_argument("--decode-budgets", default="1024,4096", help="cache sizes C for the decode-step timing")
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--decode-methods", default="streamingllm,h2o,vatp,tova")
+def add_model_arguments(parser) -> None:
+    """The random model's shape, dtype and device, and the output folder (shared with bench_ragged.py)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1376)
     parser.add_argument("--layers", type=int, default=4)
@@ -185,6 +179,17 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results/bench")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--methods", default="sdpa-full,full,streamingllm,h2o,vatp,snapkv,tova")
+    parser.add_argument("--budget", type=int, default=512, help="tokens kept per head after the prompt")
+    parser.add_argument("--decode-budgets", default="1024,4096", help="cache sizes C for the decode-step timing")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--decode-methods", default="streamingllm,h2o,vatp,tova")
+    add_model_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)

@@ -5,8 +5,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from kvbench.models import load  # noqa: E402
 
@@ -18,6 +21,17 @@ TINY = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
+
+
+HEAD_SCORES = Path(__file__).parent / "fixtures" / "head_scores_tiny_r2.json"  # estimate_head_scores.py, tiny
+
+
+def method_config(path) -> dict:
+    """A configs/method/*.yaml as a dict; headkv gets the tiny model's score file."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    if cfg["name"] == "headkv":
+        cfg["head_scores"] = str(HEAD_SCORES)
+    return cfg
 
 
 def tiny_cfg(**tiny_overrides):

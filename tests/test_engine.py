@@ -12,7 +12,7 @@ from kvbench.generation import forward, generate
 from kvbench.methods import build
 from kvbench.models import load
 
-from .conftest import tiny_cfg
+from .conftest import method_config, tiny_cfg
 
 
 def prompt_ids(n, seed=0, vocab=260):
@@ -206,11 +206,10 @@ def test_batch_of_equal_length_prompts_matches_single(tiny_gqa):
 
 
 def method_configs():
-    import yaml
 
     from kvbench.run import CONFIG_DIR
 
-    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
+    return {p.stem: method_config(p) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +234,11 @@ def test_half_precision_stays_finite(dtype, name, half_models):
                 logits = forward(model, cache, logits.argmax(-1)[:, None])[:, -1]
         assert torch.isfinite(logits).all(), (name, tokens)
         expected = min(tokens, 60) + (0 if cfg.get("stage", "prefill") == "decode" and tokens < 66 else 6)
-        if cfg["name"] != "full":
-            assert cache.layers[0].length == min(expected, 66), (name, tokens)
+        layer = cache.layers[0]
+        if layer.ragged is not None:  # per-head budgets: at budget 1 every head keeps 1
+            assert layer.ragged.kept_per_head.tolist() == [[expected] * 2], (name, tokens)
+        elif cfg["name"] != "full":
+            assert layer.length == min(expected, 66), (name, tokens)
 
 
 def test_bad_budgets_are_clear_errors():

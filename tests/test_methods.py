@@ -16,6 +16,7 @@ from kvbench.attention import kvbench_attention
 from kvbench.cache import Budget, CompressedCache
 from kvbench.methods import REGISTRY, build
 
+from .conftest import method_config
 from .test_attention import FakeModule
 
 D = 8
@@ -216,9 +217,11 @@ def test_kept_set_matches_reference_at_prefill_and_every_decode_step(case, hkv):
 def test_every_registered_method_has_a_config_and_a_case():
     from kvbench.run import CONFIG_DIR
 
-    names = {build(__import__("yaml").safe_load(p.read_text())).name for p in (CONFIG_DIR / "method").glob("*.yaml")}
+    names = {build(method_config(p)).name for p in (CONFIG_DIR / "method").glob("*.yaml")}
     assert names == set(REGISTRY)
-    assert {c[0]["name"] for c in CASES} | {"full", "weightedkv"} == set(REGISTRY)  # weightedkv: test_weightedkv.py
+    # weightedkv: test_weightedkv.py; per-head budgets: test_headkv.py
+    others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv"}
+    assert {c[0]["name"] for c in CASES} | others == set(REGISTRY)
 
 
 @pytest.mark.parametrize(

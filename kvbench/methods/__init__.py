@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from kvbench import KVBenchError, build_dataclass
+from kvbench.methods.ada_snapkv import AdaSnapKV
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
+from kvbench.methods.headkv import HeadKV
+from kvbench.methods.pyramidkv import PyramidKV
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.tova import TOVA
@@ -13,7 +16,8 @@ from kvbench.methods.vatp import VATP, Scissorhands
 from kvbench.methods.weightedkv import WeightedKV
 
 REGISTRY: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV)
+    cls.name: cls
+    for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV, HeadKV, AdaSnapKV, PyramidKV)
 }
 
 

@@ -42,6 +42,8 @@ class Method:
 
     name: ClassVar[str] = "base"
     compresses: ClassVar[bool] = True
+    # heads keep different numbers of tokens (a ragged store); such a method defines `head_budgets`
+    per_head: ClassVar[bool] = False
     # per-token tensors the cache keeps for this method, moved with their tokens
     slot_state: ClassVar[tuple[str, ...]] = ()
 

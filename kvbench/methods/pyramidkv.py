@@ -1,0 +1,53 @@
+"""PyramidKV — Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+Funneling", arXiv:2406.02069, with KVCache-Factory's layer schedule.
+
+Lower layers keep more than upper ones, on an arithmetic schedule whose mean is
+B = C - w (prefix tokens per head), for a prefix of P = L_prompt - w tokens:
+
+    lo = floor(B / beta),  hi = 2B - lo                      (beta = 20)
+    if hi >= P:  hi = P,  lo = 2B - hi
+    step = floor((hi - lo) / (layers - 1)),  cap_l = hi - l * step
+
+Every head of layer l keeps its top cap_l prefix tokens plus the window
+(`headwise.py`), so the layers of the ragged store differ in length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench import KVBenchError
+from kvbench.methods.headwise import HeadwiseSnapKV, ModelShape
+
+
+def pyramid_cap(layer_idx: int, num_layers: int, per_head: int, prefix: int, beta: int) -> int:
+    """Prefix tokens per head in layer `layer_idx`; see the module docstring."""
+    if num_layers == 1:
+        return per_head
+    lo = per_head // beta
+    hi = 2 * per_head - lo
+    if hi >= prefix:
+        hi = prefix
+        lo = 2 * per_head - hi
+    step = (hi - lo) // (num_layers - 1)
+    return hi - layer_idx * step
+
+
+@dataclass
+class PyramidKV(HeadwiseSnapKV):
+    pyramid_beta: int = 20
+
+    name: ClassVar[str] = "pyramidkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pyramid_beta < 1:
+            raise KVBenchError(f"method.pyramid_beta={self.pyramid_beta} must be >= 1")
+
+    def prefix_caps(self, layer_idx, prefix_scores, per_head, shape: ModelShape):
+        batch, heads, prefix = prefix_scores.shape
+        cap = pyramid_cap(layer_idx, shape.num_layers, per_head, prefix, self.pyramid_beta)
+        return torch.full((batch, heads), cap, dtype=torch.long, device=prefix_scores.device)
