@@ -167,3 +167,18 @@ def test_cli_user_errors_are_one_line(tmp_path, args, message):
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_finished_run_is_skipped_without_loading_the_model(tmp_path, monkeypatch):
+    args = ["method=streamingllm", "budget.tokens=32", "task.num_samples=2"]
+    folder = execute(config(tmp_path, *args))
+    scores = (folder / "scores.json").read_text()
+
+    def no_load(cfg):
+        raise AssertionError("a finished run must not load the model again")
+
+    monkeypatch.setattr("kvbench.models.load", no_load)
+    assert execute(config(tmp_path, *args)) == folder
+    assert (folder / "scores.json").read_text() == scores
+    with pytest.raises(AssertionError, match="must not load"):  # more samples: not finished, resumes
+        execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=3"))
