@@ -183,7 +183,7 @@ def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) ->
     for overrides in table.passes:
         cmd = [sys.executable, "-m", "kvbench.run", "-m", f"experiment={experiment}", f"paths.results={results}",
                f"hydra.callbacks.sweep_table.table_name={experiment}_runs", *overrides, *extra]
-        print("+ python -m kvbench.run " + " ".join(cmd[4:]), flush=True)
+        print("+ python -m kvbench.run " + " ".join(cmd[3:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
 
