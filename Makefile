@@ -20,9 +20,11 @@ MODEL   ?= tiny
 TASK    ?= passkey
 METHODS ?= full,streamingllm
 BUDGETS ?= 32,64
-EXP     ?= demo
+EXP     ?=
+SCALE   ?= full
+ARGS    ?=
 
-.PHONY: install test demo sweep table reproduce-table lint clean
+.PHONY: install test demo sweep table reproduce-table plots lint clean
 
 install: $(STAMP)
 
@@ -46,8 +48,13 @@ sweep: $(STAMP)
 table: $(STAMP)
 	$(PY) -m kvbench.tables
 
+# a paper's table: its sweep (finished runs skipped), then paper / ours / delta in results/tables/
+# make reproduce-table EXP=weightedkv_ppl [SCALE=smoke] [ARGS="task.limit=20"]
 reproduce-table: $(STAMP)
-	$(PY) -m kvbench.run -m experiment=$(EXP)
+	$(PY) -m kvbench.compare "$(EXP)" --scale "$(SCALE)" $(ARGS)
+
+plots: $(STAMP)
+	$(PY) scripts/paper_plots.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check kvbench tests scripts

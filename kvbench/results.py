@@ -104,6 +104,14 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, yaml.safe_dump(resolved_cfg, sort_keys=False))
 
+    def finished(self, resolved_cfg: dict) -> bool:
+        """True when this folder holds a finished run of exactly these settings (same sample count too)."""
+        if not (self.path / "scores.json").exists() or not (self.path / "config.yaml").exists():
+            return False
+        old = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        counts = [(c.get("task") or {}).get(k) for c in (old, resolved_cfg) for k in ("limit", "num_samples")]
+        return not _diff(fingerprint(old), fingerprint(resolved_cfg)) and counts[:2] == counts[2:]
+
     def records(self) -> list[dict]:
         """Records on disk; a trailing partial line (killed mid-write) is cut off the file."""
         if not self.predictions_path.exists():

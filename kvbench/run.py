@@ -67,6 +67,14 @@ def _sweep_listing() -> Path | None:
     return Path(hydra_cfg.sweep.dir) / "runs.txt"
 
 
+def _list_in_sweep(path: Path) -> None:
+    """Add a run folder to its sweep's runs.txt (the sweep table is built from that list)."""
+    listing = _sweep_listing()
+    if listing is not None:
+        with open(listing, "a") as f:
+            f.write(f"{path}\n")
+
+
 def _command_line() -> str:
     """`python -m kvbench.run <overrides>` of this job (no machine paths)."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
@@ -92,6 +100,10 @@ def execute(cfg: DictConfig | dict) -> Path:
     labels = run_labels(resolved, task, method, budget)
     folder = RunFolder(run_path(resolved["paths"]["results"], **labels))
     name = "/".join(labels.values())
+    if folder.finished(resolved):  # a rerun of a sweep skips its finished runs without loading the model
+        log.info("%s: finished already, skipping -> %s", name, folder.path)
+        _list_in_sweep(folder.path)
+        return folder.path
 
     seed = int(resolved.get("seed", 0))
     random.seed(seed)
@@ -171,10 +183,7 @@ def execute(cfg: DictConfig | dict) -> Path:
         tracker.log_results(scores, meta, records)
     finally:
         tracker.finish()
-    listing = _sweep_listing()
-    if listing is not None:
-        with open(listing, "a") as f:
-            f.write(f"{folder.path}\n")
+    _list_in_sweep(folder.path)
     log.info("%s: %s (n=%d) -> %s", name, subtask_scores, len(records), folder.path)
     return folder.path
 

@@ -138,6 +138,9 @@ def test_end_to_end_batched_run_and_table(tmp_path):
     pooled = math.exp(sum(r["nll_sum"] for r in records) / sum(r["n_tokens"] for r in records))
     assert scores["scores"]["ppl_pg19"] == pytest.approx(pooled, rel=1e-4)
     assert set(scores["per_document_ppl"]) == {r["id"] for r in records}
+    curve = scores["nll_by_position"]  # the pooled PPL is exp of the count-weighted mean of the buckets
+    mean = sum(m * c for m, c in zip(curve["mean_nll"], curve["count"])) / sum(curve["count"])
+    assert sum(curve["count"]) == 4 * 95 and math.exp(mean) == pytest.approx(pooled, rel=1e-3)
     table, _ = build_table(tmp_path, "ppl")
     assert list(table.columns) == ["ppl_pg19", "Avg"] and len(table) == 2
     assert full.parts[-1] == "full"
@@ -150,3 +153,12 @@ def test_synthetic_source_is_seeded_grammar_text(tiny_gqa):
     assert a == b and len(a) == 3 and all(len(s["input_ids"]) == 64 for s in a)
     text = tok.decode(a[0]["input_ids"], skip_special_tokens=True)
     assert not any(ch.isdigit() for ch in text) and text.count(".") >= 3  # filler sentences, no keys
+
+
+def test_nll_by_position_buckets_average_over_documents():
+    from kvbench.tasks.perplexity import nll_by_position
+
+    out = nll_by_position([[1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 4.0, 5.0]], buckets=2)
+    assert out["width"] == 3 and out["start"] == [1, 4]
+    assert out["mean_nll"] == [3.0, 4.5] and out["count"] == [6, 2]  # (1+2+3+3+4+5)/6, (4+5)/2
+    assert nll_by_position([]) == {"width": 1, "start": [], "mean_nll": [], "count": []}

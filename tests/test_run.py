@@ -131,7 +131,7 @@ def test_cli_multirun_budget_sweep(tmp_path):
     ]
     table = (tmp_path / "results" / "tables" / "sweep.md").read_text()
     assert "streamingllm" in table and "tokens64" in table and "Avg" in table
-    assert len(wandb_runs(tmp_path)) == 4  # one offline W&B run per job
+    assert len(wandb_runs(tmp_path)) == 3  # one offline W&B run per run; full's second job finds it finished
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_cli_demo_experiment(tmp_path):
     assert lines[0].split("|")[1:-1] == [" model   ", " method       ", " budget    ", "   passkey ", "   Avg "]
     assert [line.split("|")[2].strip() for line in lines[2:]] == ["full", "h2o", "h2o", "streamingllm", "streamingllm"]
     runs = wandb_runs(tmp_path)
-    assert len(runs) == 6  # one offline W&B run per job (full runs twice: one per budget)
+    assert len(runs) == 5  # one offline W&B run per run (full's second budget job is skipped as finished)
     data = runs[-1].read_bytes()
     for key in (b"score/passkey", b"score/avg", b"kv/ratio", b"time/tokens_per_s", b"method_name", b"demo"):
         assert key in data, key
@@ -167,3 +167,18 @@ def test_cli_user_errors_are_one_line(tmp_path, args, message):
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_finished_run_is_skipped_without_loading_the_model(tmp_path, monkeypatch):
+    args = ["method=streamingllm", "budget.tokens=32", "task.num_samples=2"]
+    folder = execute(config(tmp_path, *args))
+    scores = (folder / "scores.json").read_text()
+
+    def no_load(cfg):
+        raise AssertionError("a finished run must not load the model again")
+
+    monkeypatch.setattr("kvbench.models.load", no_load)
+    assert execute(config(tmp_path, *args)) == folder
+    assert (folder / "scores.json").read_text() == scores
+    with pytest.raises(AssertionError, match="must not load"):  # more samples: not finished, resumes
+        execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=3"))

@@ -219,4 +219,29 @@ class Perplexity:
         return {self.label: round(math.exp(sum(r["nll_sum"] for r in records) / tokens), 4)}
 
     def score_details(self, records: list[dict]) -> dict:
-        return {"per_document_ppl": {r["id"]: round(r["ppl"], 4) for r in records}, "tokens": sum(r["n_tokens"] for r in records)}
+        return {
+            "per_document_ppl": {r["id"]: round(r["ppl"], 4) for r in records},
+            "tokens": sum(r["n_tokens"] for r in records),
+            "nll_by_position": nll_by_position([r["nll"] for r in records]),
+        }
+
+
+def nll_by_position(curves: list[list[float]], buckets: int = 64) -> dict:
+    """Mean NLL over documents per bucket of token positions (for a PPL-over-position plot).
+
+    Entry i of a curve is the NLL of token i + 1. Buckets are `width` positions wide; `start[b]` is
+    the first token position of bucket b and `count[b]` the number of NLL values averaged in it."""
+    longest = max((len(c) for c in curves), default=0)
+    width = max(1, math.ceil(longest / buckets))
+    sums = [0.0] * math.ceil(longest / width)
+    counts = [0] * len(sums)
+    for curve in curves:
+        for i, value in enumerate(curve):
+            sums[i // width] += value
+            counts[i // width] += 1
+    return {
+        "width": width,
+        "start": [1 + b * width for b in range(len(sums))],
+        "mean_nll": [round(s / c, 4) for s, c in zip(sums, counts)],
+        "count": counts,
+    }

@@ -1,0 +1,69 @@
+"""Paper tables beside ours: the declarative mapping, Δ, blanks, the smoke substitutions, one-line errors."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from kvbench.compare import PAPER_DIR, PAPER_TABLES, compare, main, paper_frame
+from tests.test_tables import fake_run
+
+
+def test_paper_csvs_load_with_their_layout_and_cite_the_source():
+    for name, table in PAPER_TABLES.items():
+        frame = paper_frame(table)
+        assert (PAPER_DIR / table.csv).read_text().startswith("# source:"), name
+        assert set(table.columns) == set(frame.columns), name
+        assert set(frame.index) <= set(table.rows), name
+    wkv = paper_frame(PAPER_TABLES["weightedkv_ppl"])
+    assert wkv.loc[("256", "WeightedKV"), "PG19 4k"] == 7.49 and wkv.loc[("1024", "H2O"), "ArXiv 16k"] == 3.34
+    assert math.isnan(wkv.loc[("full", "FullKV"), "PG19 8k"])  # FullKV is reported at 4k only
+    assert paper_frame(PAPER_TABLES["streamingllm_sinks"]).loc["0+4096", "PPL"] == 3359.95
+    assert paper_frame(PAPER_TABLES["headkv_longbench"]).loc["HeadKV-R2", "128"] == 32.00
+
+
+def test_ours_and_delta_sit_beside_the_paper(tmp_path):
+    from kvbench.tables import collect, find_runs
+
+    fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.70})
+    fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink1", "tokens4096", {"ppl_pg19": 12.0})
+    frame = compare(PAPER_TABLES["streamingllm_sinks"], collect(find_runs(tmp_path)))
+    assert frame.loc["4+4092", ("PPL", "paper")] == 9.59
+    assert frame.loc["4+4092", ("PPL", "ours")] == 9.70
+    assert frame.loc["4+4092", ("PPL", "Δ")] == pytest.approx(0.11)
+    assert frame.loc["1+4095", ("PPL", "Δ")] == pytest.approx(0.12)
+    assert pd.isna(frame.loc["0+4096", ("PPL", "ours")]) and pd.isna(frame.loc["0+4096", ("PPL", "Δ")])
+
+
+def test_average_cells_full_rows_and_smoke_substitutions(tmp_path):
+    from kvbench.tables import collect, find_runs
+
+    fake_run(tmp_path, "tiny", "longbench", "vatp", "ratio0.5", {"hotpotqa": 10.0, "trec": 30.0})
+    fake_run(tmp_path, "llama3-8b-instruct", "longbench", "full", "full", {"qasper": 30.0, "hotpotqa": 40.0})
+    long = collect(find_runs(tmp_path))
+    vatp = compare(PAPER_TABLES["vatp_longbench"], long, scale="smoke")
+    row = ("LLaMA2-7B-chat", "H2O+VATP")
+    assert vatp.loc[row, ("trec", "ours")] == 30.0 and vatp.loc[row, ("Avg", "ours")] == 20.0
+    assert pd.isna(vatp.loc[row, ("trec", "paper")]) and pd.isna(vatp.loc[row, ("trec", "Δ")])  # not in the spec
+    assert vatp.loc[("Vicuna-v1.5-7B-16k", "H2O+VATP")].isna().all()
+    headkv = compare(PAPER_TABLES["headkv_longbench"], long)
+    assert headkv.loc["FullKV", ("128", "ours")] == 35.0 and headkv.loc["FullKV", ("128", "Δ")] == 2.1
+    assert headkv.loc["FullKV", ("2048", "ours")] == 35.0  # a full cache ignores the budget
+
+
+def test_written_tables_and_one_line_errors(tmp_path, capsys):
+    fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.70})
+    assert main(["streamingllm_sinks", "--no-run", "--results", str(tmp_path)]) == 0
+    md = (tmp_path / "tables" / "streamingllm_sinks.md").read_text()
+    assert "PPL paper" in md and "PPL ours" in md and "nan" not in md
+    csv = pd.read_csv(tmp_path / "tables" / "streamingllm_sinks.csv", comment="#")
+    assert list(csv.columns) == ["sinks+window", "PPL paper", "PPL ours", "PPL Δ"]
+    assert "\\begin{tabular}" in (tmp_path / "tables" / "streamingllm_sinks.tex").read_text()
+    capsys.readouterr()
+    assert main(["demo", "--no-run", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvbench: error: no paper table for experiment 'demo'; choose one of: "
+                   "weightedkv_ppl, vatp_longbench, headkv_longbench, streamingllm_sinks"]
+    assert main(["headkv_longbench", "--scale", "smoke", "--results", str(tmp_path)]) == 2
+    assert main(["weightedkv_ppl", "--scale", "tiny", "--results", str(tmp_path)]) == 2
+    assert not (tmp_path / "tables" / "demo.md").exists()
