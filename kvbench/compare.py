@@ -76,6 +76,7 @@ VATP_METHODS = {"Full": "full", "H2O": "h2o", "H2O+VATP": "vatp", "Scissorhands"
 HEADKV_METHODS = {"FullKV": "full", "SnapKV": "snapkv", "PyramidKV": "pyramidkv", "Ada-SnapKV": "ada_snapkv",
                   "HeadKV-R": "headkv-r", "HeadKV-R2": "headkv-r2"}
 HEADKV_BUDGETS = [64, 96, 128, 256, 512, 1024, 2048]
+HEADKV_SMOKE_BUDGETS = [16, 24, 32, 64, 128, 192, 256]  # prompts of at most 512 tokens
 
 
 def _wkv_task(dataset: str, window: int) -> str:
@@ -114,6 +115,8 @@ PAPER_TABLES = {
         rows={paper: {"method": ours, "budget_any": ours == "full"} for paper, ours in HEADKV_METHODS.items()},
         columns={str(b): {"budget": f"tokens{b}"} for b in HEADKV_BUDGETS},
         passes=[[], ["method=snapkv", "method.window=8"], ["method=headkv", "method.variant=r"]],
+        smoke={"model": {"llama3-8b-instruct": "tiny"},
+               "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
     ),
     "streamingllm_sinks": PaperTable(  # arXiv 2309.17453, attention-sink ablation
         experiment="streamingllm_sinks", csv="streamingllm_sinks.csv", index=["sinks+window"],

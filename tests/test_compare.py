@@ -64,6 +64,22 @@ def test_written_tables_and_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kvbench: error: no paper table for experiment 'demo'; choose one of: "
                    "weightedkv_ppl, vatp_longbench, headkv_longbench, streamingllm_sinks"]
-    assert main(["headkv_longbench", "--scale", "smoke", "--results", str(tmp_path)]) == 2
     assert main(["weightedkv_ppl", "--scale", "tiny", "--results", str(tmp_path)]) == 2
     assert not (tmp_path / "tables" / "demo.md").exists()
+
+
+def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.run import CONFIG_DIR, execute
+    from kvbench.tables import collect, find_runs
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=headkv_longbench_smoke", "logger=none", "method=headkv",
+                                           "budget.tokens=32", "task.limit=2", f"paths.results={tmp_path}"])
+    assert cfg.method.head_scores == "tests/fixtures/head_scores/tiny_r2.json"
+    folder = execute(cfg)
+    assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2", "tokens32")
+    frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
+    assert frame.loc["HeadKV-R2", ("128", "paper")] == 32.00  # the paper's KV size 128 <- our smoke 32
+    assert not pd.isna(frame.loc["HeadKV-R2", ("128", "ours")]) and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
