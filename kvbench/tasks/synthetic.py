@@ -64,8 +64,13 @@ def filler_text(rng: random.Random, n_chars: int) -> str:
     return "".join(parts)[:n_chars]
 
 
-def random_key(rng: random.Random, digits: int = 5) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+def random_key(rng: random.Random, digits: int = 5, distinct: bool = True) -> str:
+    """A `digits`-digit key without a leading zero; with `distinct`, no digit repeats (so each digit of
+    the key names the next one: a small model can copy it by one-token induction)."""
+    if not distinct:
+        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    first = rng.choice("123456789")
+    return first + "".join(rng.sample([d for d in "0123456789" if d != first], digits - 1))
 
 
 def training_document(kind: str, rng: random.Random, n_chars: int) -> tuple[str, int]:
@@ -146,6 +151,7 @@ class Passkey:
     depth_min: float = 0.0  # needle depth as a fraction of the filler, drawn uniformly per sample
     depth_max: float = 1.0
     digits: int = 5
+    distinct_digits: bool = True  # no digit repeats within a key
     max_new_tokens: int = 8
     seed: int = 0
 
@@ -154,12 +160,14 @@ class Passkey:
     def __post_init__(self):
         if self.num_samples <= 0 or self.context_tokens <= 0 or self.digits <= 0:
             raise KVBenchError("task.num_samples, task.context_tokens and task.digits must be > 0")
+        if self.distinct_digits and self.digits > 10:
+            raise KVBenchError(f"task.digits={self.digits}: distinct digits allow at most 10; set task.distinct_digits=false")
         if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
             raise KVBenchError("task.depth_min and task.depth_max must satisfy 0 <= min <= max <= 1")
 
     def make_sample(self, index: int, tokenizer) -> dict:
         rng = random.Random(f"passkey/{self.seed}/{index}")
-        key = str(rng.randint(10 ** (self.digits - 1), 10**self.digits - 1))
+        key = random_key(rng, self.digits, self.distinct_digits)
         depth = rng.uniform(self.depth_min, self.depth_max)
         needle = NEEDLE.format(key=key)
 
@@ -202,7 +210,7 @@ class MultiKey(Passkey):
     def make_sample(self, index: int, tokenizer) -> dict:
         rng = random.Random(f"multikey/{self.seed}/{index}")
         names = rng.sample(KEY_NAMES, self.num_keys)
-        keys = [str(rng.randint(10 ** (self.digits - 1), 10**self.digits - 1)) for _ in names]
+        keys = [random_key(rng, self.digits, self.distinct_digits) for _ in names]
         ask = rng.randrange(self.num_keys)
         needles = [MULTI_NEEDLE.format(name=n, key=k) for n, k in zip(names, keys)]
         question = MULTI_QUESTION.format(name=names[ask])
