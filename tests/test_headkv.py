@@ -333,8 +333,9 @@ def test_headkv_runs_passkey_and_longbench_from_the_config(tmp_path, tiny_gqa):
     cfg = model.config
     importance = torch.rand(cfg.num_hidden_layers, cfg.num_attention_heads, generator=torch.Generator().manual_seed(5))
     # the config's default path: <results>/head_scores/<model>_<variant>.json
-    scores_file(tmp_path / "head_scores", importance.tolist(), name="tiny_r2.json")
-    folder = run(tmp_path, "method=headkv", "budget.tokens=64", "task.num_samples=2", "task.context_tokens=300")
+    scores_file(tmp_path / "head_scores", importance.tolist(), name="tiny-random_r2.json")
+    folder = run(tmp_path, "model=tiny-random", "method=headkv", "budget.tokens=64", "task.num_samples=2",
+                 "task.context_tokens=300")
     assert folder.parts[-2] == "headkv-r2"
     # meta.json: bytes stored = sum of the heads' caps (+ decoded tokens) x bytes per token, and the ratio
     caps = headkv_caps(importance.double(), cfg.num_key_value_heads, 64 - 8, 1.005) + 8
@@ -350,7 +351,8 @@ def test_headkv_runs_passkey_and_longbench_from_the_config(tmp_path, tiny_gqa):
     assert kv["kv_kept_bytes"] == expected_bytes
     assert kv["kv_ratio"] == round(expected_bytes / kv["kv_full_bytes"], 6) and kv["kv_ratio"] < 0.3
     assert len(kv["kv_kept_tokens_per_layer_head"]) == cfg.num_hidden_layers
-    folder = run(tmp_path, "method=headkv", "budget.tokens=64", "task=longbench", f"task.data_dir={FIXTURES}",
+    folder = run(tmp_path, "model=tiny-random", "method=headkv", "budget.tokens=64", "task=longbench",
+                 f"task.data_dir={FIXTURES}",
                  "task.limit=1", "model.max_prompt_tokens=512")
     assert (folder / "scores.json").exists()
 
@@ -403,7 +405,7 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "head_scores"
     done = subprocess.run(
-        [sys.executable, "scripts/estimate_head_scores.py", "lengths=2", "depths=3", "min_length=400",
+        [sys.executable, "scripts/estimate_head_scores.py", "model=tiny-random", "lengths=2", "depths=3", "min_length=400",
          "max_length=500", "max_new_tokens=4", "only_successful=false", f"output_dir={out}",
          f"hydra.run.dir={tmp_path / 'hydra'}"],
         cwd=root, capture_output=True, text=True, timeout=300,
@@ -411,12 +413,12 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
     assert done.returncode == 0, done.stderr[-2000:]
     model, _ = tiny_gqa
     for variant in ("r", "r2"):
-        data = json.loads((out / f"tiny_{variant}.json").read_text())
+        data = json.loads((out / f"tiny-random_{variant}.json").read_text())
         assert sorted(data) == sorted(f"{layer}-{h}" for layer in range(2) for h in range(4))
         assert all(len(v) == 2 * 2 * 3 for v in data.values())  # 2 needles x 2 lengths x 3 depths, all counted
-        assert load_head_scores(out / f"tiny_{variant}.json").shape == (2, 4)
-    assert sum(sum(v) for v in json.loads((out / "tiny_r2.json").read_text()).values()) > 0
-    folder = run(tmp_path, "method=headkv", "method.variant=r", "budget.tokens=48", "task.num_samples=1",
+        assert load_head_scores(out / f"tiny-random_{variant}.json").shape == (2, 4)
+    assert sum(sum(v) for v in json.loads((out / "tiny-random_r2.json").read_text()).values()) > 0
+    folder = run(tmp_path, "model=tiny-random", "method=headkv", "method.variant=r", "budget.tokens=48", "task.num_samples=1",
                  "task.context_tokens=300")
     assert folder.parts[-2] == "headkv-r" and (folder / "scores.json").exists()
 
