@@ -34,7 +34,7 @@ PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 AVG = "__avg__"  # a cell that is the mean of a run's sub-task scores
 KINDS = ("paper", "ours", "Δ")
 SCALES = ("full", "smoke")
-SMOKE_NOTE = ("SMOKE SCALE: 'ours' comes from the tiny random model on bundled or synthetic data; "
+SMOKE_NOTE = ("SMOKE SCALE: 'ours' comes from the tiny model (trained on synthetic data) on bundled or synthetic data; "
               "it checks the pipeline and is not comparable with the paper.")
 
 

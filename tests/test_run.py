@@ -141,7 +141,7 @@ def test_cli_demo_experiment(tmp_path):
               "task=passkey", "method=full,streamingllm,h2o")
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (tmp_path / "results" / "tables" / "demo.md").read_text().splitlines()
-    assert lines[0].split("|")[1:-1] == [" model   ", " method       ", " budget    ", "   passkey ", "   Avg "]
+    assert [cell.strip() for cell in lines[0].split("|")[1:-1]] == ["model", "method", "budget", "passkey", "Avg"]
     assert [line.split("|")[2].strip() for line in lines[2:]] == ["full", "h2o", "h2o", "streamingllm", "streamingllm"]
     runs = wandb_runs(tmp_path)
     assert len(runs) == 5  # one offline W&B run per run (full's second budget job is skipped as finished)
