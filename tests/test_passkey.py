@@ -66,3 +66,14 @@ def test_training_documents_have_exact_length_and_answer():
             if kind == "copy":  # the answer repeats the bracketed string that appeared earlier
                 answer = text[answer_at - 1 :]
                 assert answer.startswith("[") and answer.endswith("]") and text.count(answer) == 2
+
+
+def test_synthetic_task_names_compose_to_the_synthetic_tasks():
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.run import CONFIG_DIR
+
+    expected = {"synthetic_passkey": "passkey", "synthetic_multikey": "multikey", "synthetic_ppl": "perplexity"}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for alias, name in expected.items():
+            assert compose("config", overrides=[f"task={alias}"]).task.name == name
