@@ -222,8 +222,7 @@ class CompressedLayer(CacheLayerMixin):
 
         The dense buffers are freed; `reserve` slots per head wait for decoded tokens."""
         self.ragged = RaggedKV(
-            self.keys[:, :, : self.length], self.values[:, :, : self.length], keep, self.view("pos"),
-            self.seen, reserve,
+            self.keys[:, :, : self.length], self.values[:, :, : self.length], keep, self.view("pos"), reserve
         )
         self.keys = self.values = None
         self.state = {}

@@ -56,7 +56,7 @@ class RaggedKV:
     """The packed store of one layer; see the module docstring."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor,
-                 seen: int, reserve: int):
+                 reserve: int):
         """Pack the tokens where `keep` (B, H, n) is True out of dense `keys`/`values` (B, H, n, d).
 
         Tokens stay in slot order within a head (the caller keeps the prompt in position order)."""
@@ -74,7 +74,6 @@ class RaggedKV:
         self.decode_keys = keys.new_empty(batch, max(1, reserve), heads, head_dim)
         self.decode_values = torch.empty_like(self.decode_keys)
         self.decoded = 0
-        self.seen = seen
 
     # -- storage
     @property
@@ -100,7 +99,6 @@ class RaggedKV:
         self.decode_keys[:, new] = key_states.transpose(1, 2)
         self.decode_values[:, new] = value_states.transpose(1, 2)
         self.decoded += q
-        self.seen += q
 
     # -- attention
     def attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -427,7 +427,8 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hkv", [32, 8])
 def test_varlen_path_equals_padded_fallback_on_gpu(hkv):
-    ragged = pytest.importorskip("kvbench.ragged")
+    from kvbench import ragged
+
     if ragged.flash_attn_varlen_func is None:
         pytest.skip("needs flash-attn")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -436,7 +437,7 @@ def test_varlen_path_equals_padded_fallback_on_gpu(hkv):
     v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     lens = torch.randint(8, 1024, (1, hkv, 1), device="cuda", generator=g)
     keep = torch.arange(n, device="cuda") >= n - lens  # ragged: the last lens[h] tokens of head h
-    store = ragged.RaggedKV(k, v, keep, torch.arange(n, device="cuda").expand(1, hkv, n), n, reserve=16)
+    store = ragged.RaggedKV(k, v, keep, torch.arange(n, device="cuda").expand(1, hkv, n), reserve=16)
     for width in (1, 1, 3, 1):
         store.append(torch.randn(1, hkv, width, d, device="cuda", dtype=torch.bfloat16, generator=g),
                      torch.randn(1, hkv, width, d, device="cuda", dtype=torch.bfloat16, generator=g))
