@@ -17,7 +17,7 @@ def test_samples_are_seeded_sized_and_hold_the_needle(tiny_gqa):
         n = len(tok(s["prompt"]).input_ids)
         assert 900 - 60 < n <= 900
         assert NEEDLE.format(key=s["answer"]) in s["prompt"]
-        assert len(s["answer"]) == 5
+        assert len(s["answer"]) == 5 and len(set(s["answer"])) == 5 and s["answer"][0] != "0"  # distinct digits
         needle = NEEDLE.format(key=s["answer"])
         filler = len(s["prompt"]) - len(INTRO) - len(needle) - len(QUESTION)
         before = s["prompt"].index(needle) - len(INTRO)
@@ -77,3 +77,13 @@ def test_synthetic_task_names_compose_to_the_synthetic_tasks():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for alias, name in expected.items():
             assert compose("config", overrides=[f"task={alias}"]).task.name == name
+
+
+def test_keys_may_repeat_digits_when_asked(tiny_gqa):
+    from kvbench import KVBenchError
+
+    _, tok = tiny_gqa
+    task = build({"name": "passkey", "num_samples": 40, "context_tokens": 300, "distinct_digits": False})
+    assert any(len(set(s["answer"])) < 5 for s in task.samples(tok))
+    with pytest.raises(KVBenchError, match="task.distinct_digits=false"):
+        build({"name": "passkey", "digits": 11})
