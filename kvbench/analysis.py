@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvbench.attention import attention_column_sums
+from kvbench.attention import attention_column_sums, attention_function
 from kvbench.results import atomic_write_json, safe_label
 
 PROBE = "kvbench_value_probe"
@@ -43,13 +42,8 @@ def value_norm_profile(model, input_ids: torch.Tensor, sinks: int = 4) -> list[d
         kwargs.pop("is_causal", None)
         return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout, is_causal=True)
 
-    AttentionInterface.register(PROBE, probe)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(PROBE)
-    try:
+    with attention_function(model, PROBE, probe):
         model(input_ids=input_ids, use_cache=False)
-    finally:
-        model.set_attn_implementation(previous)
     return [layers[i] for i in sorted(layers)]
 
 

@@ -19,6 +19,7 @@ so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,9 @@ def _base_function(name: str):
 def kvbench_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvbench_cache=None, **kwargs
 ):
+    ragged = kvbench_cache.layers[module.layer_idx].ragged if kvbench_cache is not None else None
+    if ragged is not None:  # per-head budgets after the prompt: no statistics, decoded tokens appended
+        return ragged.attention(query, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     base = getattr(module.config, "kvbench_base_attention", "sdpa")
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = None
@@ -107,9 +111,6 @@ def kvbench_attention(
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
             mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
     kwargs.pop("is_causal", None)
-    ragged = kvbench_cache.layers[module.layer_idx].ragged if kvbench_cache is not None else None
-    if ragged is not None:  # per-head budgets after the prompt: no statistics, decoded tokens appended
-        return ragged.attention(query, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
     if q_len == 1 and request.row and not request.colsum and not request.window:
         # a decode step whose method needs the attention row: one pass gives both output and row
@@ -121,6 +122,20 @@ def kvbench_attention(
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
+
+
+@contextmanager
+def attention_function(model, name: str, function):
+    """Run `model` with `function` registered as attention `name`, then restore its implementation.
+
+    For probes that read attention as the model runs (head-score estimation, value-norm profiles)."""
+    AttentionInterface.register(name, function)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def install(model, base: str = "sdpa") -> None:

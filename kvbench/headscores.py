@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvbench import KVBenchError
+from kvbench.attention import attention_function, kvbench_attention
 from kvbench.results import atomic_write_text
 
 KEY = re.compile(r"^(\d+)-(\d+)$")
@@ -120,7 +121,6 @@ def step_scores(rows: torch.Tensor, token: int, context: torch.Tensor, needle: t
 def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvbench_probe=None,
                     **kwargs):
     """kvbench's attention, plus the last query's attention row per query head into `kvbench_probe`."""
-    from kvbench.attention import kvbench_attention
 
     out, _ = kvbench_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kvbench_probe is not None:
@@ -188,35 +188,31 @@ def build_prompt(tokenizer, haystack_ids: list[int], needle: Needle, length: int
 @torch.inference_mode()
 def needle_run(model, tokenizer, ids: list[int], needle_span, answer_span, variant: str,
                max_new_tokens: int) -> tuple[str, torch.Tensor]:
-    """Greedy answer and the run's per-head score (layers, query heads) for one prompt."""
-    from transformers import AttentionInterface, DynamicCache
+    """Greedy answer and the run's per-head score (layers, query heads) for one prompt.
 
-    AttentionInterface.register(PROBE, probe_attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(PROBE)
+    The model must run `probe_attention` (see `estimate_head_scores`)."""
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     config = model.config
     score = torch.zeros(config.num_hidden_layers, config.num_attention_heads, dtype=torch.float64)
     context = torch.tensor(ids, device=device)
     cache = DynamicCache(config=config)
     new: list[int] = []
-    try:
-        step_ids = context[None]
-        for _ in range(max_new_tokens):
-            probe: dict[int, torch.Tensor] = {}
-            start = context.shape[0] - step_ids.shape[1]
-            out = model(input_ids=step_ids, position_ids=torch.arange(start, context.shape[0], device=device)[None],
-                        past_key_values=cache, use_cache=True, kvbench_probe=probe, logits_to_keep=1)
-            token = int(out.logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            rows = torch.stack([probe[i] for i in range(config.num_hidden_layers)])
-            score += step_scores(rows, token, context, needle_span, answer_span, variant).cpu()
-            new.append(token)
-            context = torch.cat([context, context.new_tensor([token])])
-            step_ids = context[-1:][None]
-    finally:
-        model.set_attn_implementation(previous)
+    step_ids = context[None]
+    for _ in range(max_new_tokens):
+        probe: dict[int, torch.Tensor] = {}
+        start = context.shape[0] - step_ids.shape[1]
+        out = model(input_ids=step_ids, position_ids=torch.arange(start, context.shape[0], device=device)[None],
+                    past_key_values=cache, use_cache=True, kvbench_probe=probe, logits_to_keep=1)
+        token = int(out.logits[0, -1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        rows = torch.stack([probe[i] for i in range(config.num_hidden_layers)])
+        score += step_scores(rows, token, context, needle_span, answer_span, variant).cpu()
+        new.append(token)
+        context = torch.cat([context, context.new_tensor([token])])
+        step_ids = context[-1:][None]
     return tokenizer.decode(new, skip_special_tokens=True), score
 
 
@@ -230,17 +226,17 @@ def estimate_head_scores(model, tokenizer, variant: str, lengths: list[int], dep
     haystack_ids = tokenizer(HAYSTACK.read_text(), add_special_tokens=False).input_ids
     scores = {(layer, head): [] for layer in range(config.num_hidden_layers) for head in range(config.num_attention_heads)}
     runs = successes = 0
-    for needle in needles or NEEDLES[variant]:
-        for length in lengths:
-            for depth in depths:
-                ids, needle_span, answer_span = build_prompt(tokenizer, haystack_ids, needle, length, depth, chat_format)
-                text, score = needle_run(model, tokenizer, ids, needle_span, answer_span, variant, max_new_tokens)
-                success = needle.answer.lower() in text.lower()
-                runs += 1
-                successes += success
-                if success or not only_successful:
-                    for (layer, head), values in scores.items():
-                        values.append(round(float(score[layer, head]), 6))
-                if progress is not None:
-                    progress.update(1)
+    prompts = [(needle, length, depth) for needle in needles or NEEDLES[variant] for length in lengths for depth in depths]
+    with attention_function(model, PROBE, probe_attention):
+        for needle, length, depth in prompts:
+            ids, needle_span, answer_span = build_prompt(tokenizer, haystack_ids, needle, length, depth, chat_format)
+            text, score = needle_run(model, tokenizer, ids, needle_span, answer_span, variant, max_new_tokens)
+            success = needle.answer.lower() in text.lower()
+            runs += 1
+            successes += success
+            if success or not only_successful:
+                for (layer, head), values in scores.items():
+                    values.append(round(float(score[layer, head]), 6))
+            if progress is not None:
+                progress.update(1)
     return scores, {"variant": variant, "runs": runs, "successful": successes, "counted": len(scores[0, 0])}
