@@ -217,6 +217,19 @@ class CompressedLayer(CacheLayerMixin):
             self.moved = True
         self.keys, self.values, self.state, self.length = keys, values, state, kept
 
+    def kept_per_head(self) -> list[int] | None:
+        """Tokens each KV head of sequence 0 holds now (None before any token)."""
+        if self.ragged is not None:
+            return self.ragged.kept_per_head[0].tolist()
+        if not self.is_initialized or self.keys is None:
+            return None
+        return [self.length] * self.keys.shape[1]
+
+    def bytes_per_token(self) -> int:
+        """Bytes of one token's key and value in one head."""
+        keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
+        return 2 * keys.shape[-1] * keys.element_size()
+
     def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
         """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
 
@@ -357,25 +370,15 @@ class CompressedCache(Cache):
         kept_tokens = full_tokens = kept_bytes = full_bytes = 0
         per_layer = []
         for layer in self.layers:
-            if layer.ragged is not None:  # sequence 0 of a ragged store: its heads differ in length
-                ragged = layer.ragged
-                kept = ragged.kept_per_head[0]
-                per_token = 2 * ragged.head_dim * ragged.prefix_keys.element_size()
-                kept_tokens += int(kept.sum())
-                full_tokens += ragged.heads * layer.seen
-                kept_bytes += int(kept.sum()) * per_token
-                full_bytes += ragged.heads * layer.seen * per_token
-                per_layer.append(kept.tolist())
+            kept = layer.kept_per_head()
+            if kept is None:
                 continue
-            if not layer.is_initialized or layer.keys is None:
-                continue
-            heads, head_dim = layer.keys.shape[1], layer.keys.shape[3]
-            per_token = 2 * head_dim * layer.keys.element_size()  # key + value of one head
-            kept_tokens += heads * layer.length
-            full_tokens += heads * layer.seen
-            kept_bytes += heads * layer.length * per_token
-            full_bytes += heads * layer.seen * per_token
-            per_layer.append([layer.length] * heads)
+            per_token = layer.bytes_per_token()
+            kept_tokens += sum(kept)
+            full_tokens += len(kept) * layer.seen
+            kept_bytes += sum(kept) * per_token
+            full_bytes += len(kept) * layer.seen * per_token
+            per_layer.append(kept)
         return {
             "kv_kept_tokens": kept_tokens,
             "kv_full_tokens": full_tokens,

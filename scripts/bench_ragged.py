@@ -39,19 +39,11 @@ from kvbench.methods import build
 
 
 def store_bytes(cache: CompressedCache) -> tuple[int, int]:
-    """(bytes of K and V holding tokens, the same if each layer's heads were padded to its longest)."""
-    stored = padded = 0
-    for layer in cache.layers:
-        if layer.ragged is not None:
-            r = layer.ragged
-            per_token = 2 * r.head_dim * r.prefix_keys.element_size()
-            stored += (int(r.lens.sum()) + r.batch * r.heads * r.decoded) * per_token
-            padded += r.batch * r.heads * (r.max_len + r.decoded) * per_token
-        elif layer.keys is not None:
-            b, h, _, d = layer.keys.shape
-            dense = b * h * layer.length * 2 * d * layer.keys.element_size()
-            stored, padded = stored + dense, padded + dense
-    return stored, padded
+    """(bytes of K and V holding tokens, the same if each layer's heads were padded to its longest); batch 1."""
+    kv = cache.kv_summary()
+    per_token = kv["kv_kept_bytes"] // kv["kv_kept_tokens"]
+    padded = sum(len(heads) * max(heads) for heads in kv["kv_kept_per_layer_head"]) * per_token
+    return kv["kv_kept_bytes"], padded
 
 
 def sync(device):

@@ -241,6 +241,7 @@ def test_ragged_kept_set_and_attention_match_loops_at_prefill_and_decode(tmp_pat
         reference.append(k1, v1)
         torch.testing.assert_close(out.double(), reference.attention(q1), atol=1e-5, rtol=1e-5, msg=f"step {step}")
     assert layer.ragged.decoded == 25 and layer.seen == n + 25  # grew past reserve=4 without touching the prefix
+    assert layer.get_mask_sizes(1) == (layer.ragged.max_len + 25 + 1, 0)
     assert ragged_kept(layer) == reference.kept()
 
 
