@@ -7,7 +7,7 @@
   (HeadKV / KVCache-Factory, arXiv 2410.19258; the full cache as a dashed line);
 - `ppl_vs_cache`: perplexity against cache size per method (WeightedKV, arXiv 2503.01330; StreamingLLM);
 - `head_budget_heatmap`: tokens kept per layer and KV head (HeadKV's per-head budgets), from the
-  `kv_kept_per_layer_head` of each record in predictions.jsonl;
+  `kv_kept_tokens_per_layer_head` of each run's meta.json (the mean over its samples);
 - `value_norms`: the per-layer distribution of value-vector ℓ1 norms with the attention-sink tokens
   marked (VATP's motivating figure, arXiv 2406.12335), from results/analysis/value_norms_*.json;
 - `ppl_over_position`: perplexity over token position (StreamingLLM, arXiv 2309.17453), from the
@@ -75,17 +75,9 @@ def ppl_vs_cache(results="results") -> Path | None:
 
 
 def _kept_grid(folder: Path) -> list[list[float]] | None:
-    """Mean over samples of the tokens kept per (layer, KV head)."""
-    grids = []
-    path = folder / "predictions.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            grid = json.loads(line).get("kv_kept_per_layer_head")
-            if grid:
-                grids.append(grid)
-    if not grids:
-        return None
-    return [[sum(cells) / len(grids) for cells in zip(*rows)] for rows in zip(*grids)]
+    """Mean over samples of the tokens kept per (layer, KV head), as the run's meta.json records it."""
+    path = folder / "meta.json"
+    return json.loads(path.read_text()).get("kv", {}).get("kv_kept_tokens_per_layer_head") if path.exists() else None
 
 
 def head_budget_heatmap(results="results", max_runs: int = 4) -> Path | None:

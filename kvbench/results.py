@@ -94,8 +94,7 @@ class RunFolder:
         """Create the folder, or check that the run already in it has the same settings."""
         config_path = self.path / "config.yaml"
         if config_path.exists():
-            old = yaml.safe_load(config_path.read_text()) or {}
-            changes = _diff(fingerprint(old), fingerprint(resolved_cfg))
+            changes = self._changes(resolved_cfg)
             if changes:
                 raise KVBenchError(
                     f"{self.path} holds a run with other settings ({'; '.join(changes[:4])}); "
@@ -108,9 +107,16 @@ class RunFolder:
         """True when this folder holds a finished run of exactly these settings (same sample count too)."""
         if not (self.path / "scores.json").exists() or not (self.path / "config.yaml").exists():
             return False
-        old = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        old = self._old_config()
         counts = [(c.get("task") or {}).get(k) for c in (old, resolved_cfg) for k in ("limit", "num_samples")]
-        return not _diff(fingerprint(old), fingerprint(resolved_cfg)) and counts[:2] == counts[2:]
+        return not self._changes(resolved_cfg) and counts[:2] == counts[2:]
+
+    def _old_config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+
+    def _changes(self, resolved_cfg: dict) -> list[str]:
+        """Settings of the run on disk that differ from `resolved_cfg` (its config.yaml must exist)."""
+        return _diff(fingerprint(self._old_config()), fingerprint(resolved_cfg))
 
     def records(self) -> list[dict]:
         """Records on disk; a trailing partial line (killed mid-write) is cut off the file."""
