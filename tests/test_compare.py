@@ -79,7 +79,24 @@ def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
                                            "budget.tokens=32", "task.limit=2", f"paths.results={tmp_path}"])
     assert cfg.method.head_scores == "tests/fixtures/head_scores/tiny_r2.json"
     folder = execute(cfg)
-    assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2", "tokens32")
+    assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2-qa6", "tokens32")
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
     assert frame.loc["HeadKV-R2", ("128", "paper")] == 32.00  # the paper's KV size 128 <- our smoke 32
     assert not pd.isna(frame.loc["HeadKV-R2", ("128", "ours")]) and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
+
+
+def test_longbench_smoke_experiments_share_a_results_folder(tmp_path):
+    """vatp_longbench and headkv_longbench at smoke scale both run the tiny model on LongBench with other
+    subsets: their full-cache runs must not land in one folder (the second would be refused)."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.run import CONFIG_DIR, execute
+
+    folders = []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for experiment in ("vatp_longbench_smoke", "headkv_longbench_smoke"):
+            cfg = compose("config", overrides=[f"experiment={experiment}", "logger=none", "method=full",
+                                               "budget=tokens", "budget.tokens=32", "task.limit=1",
+                                               f"paths.results={tmp_path}"])
+            folders.append(execute(cfg))
+    assert folders[0] != folders[1]
