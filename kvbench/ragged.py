@@ -81,10 +81,6 @@ class RaggedKV:
         """(B, H) tokens each head holds now: its prefix segment plus the decoded tokens."""
         return self.lens + self.decoded
 
-    def stored_elements(self) -> int:
-        """Elements of K (or V) holding tokens: the packed prefix plus the decoded tokens."""
-        return self.prefix_keys.numel() + self.batch * self.decoded * self.heads * self.head_dim
-
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write new tokens (B, H, q, d) into the decoded block: one slot per head each, no prefix copy."""
         q = key_states.shape[2]
