@@ -55,6 +55,7 @@ class HeadKV(HeadwiseSnapKV):
 
     name: ClassVar[str] = "headkv"
     _importance: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _caps: dict = field(default_factory=dict, init=False, repr=False)  # (B, kv_heads, device) -> all layers' caps
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,5 +89,8 @@ class HeadKV(HeadwiseSnapKV):
                 f"heads but the model has {shape.num_layers} x {shape.query_heads}; estimate scores for this "
                 "model with scripts/estimate_head_scores.py"
             )
-        caps = headkv_caps(importance, shape.kv_heads, per_head, self.beta, self.temperature)[layer_idx]
-        return caps.to(prefix_scores.device).expand(prefix_scores.shape[0], -1)
+        key = (per_head, shape.kv_heads, prefix_scores.device)
+        if key not in self._caps:  # once per budget, not once per layer and prompt
+            caps = headkv_caps(importance, shape.kv_heads, per_head, self.beta, self.temperature)
+            self._caps[key] = caps.to(prefix_scores.device)
+        return self._caps[key][layer_idx].expand(prefix_scores.shape[0], -1)
