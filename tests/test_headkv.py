@@ -446,3 +446,15 @@ def test_varlen_path_equals_padded_fallback_on_gpu(hkv):
         varlen = store._varlen(query, d**-0.5).float()
         padded = store._padded(query, d**-0.5).float()
         torch.testing.assert_close(varlen, padded, atol=2e-2, rtol=2e-2)
+
+
+def test_estimation_in_process_counts_runs_and_restores_attention(tiny_gqa):
+    from kvbench.headscores import estimate_head_scores
+
+    model, tok = tiny_gqa
+    before = model.config._attn_implementation
+    scores, summary = estimate_head_scores(model, tok, "r2", [400], [0.0, 1.0], max_new_tokens=2,
+                                           only_successful=False)
+    assert model.config._attn_implementation == before
+    assert summary == {"variant": "r2", "runs": 4, "successful": 0, "counted": 4}  # 2 needles x 2 depths
+    assert len(scores) == 2 * 4 and all(len(v) == 4 for v in scores.values())
