@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    """`kvbench.evaluate` (kvbench/api.py), imported on first use so `import kvbench` stays light."""
+    if name == "evaluate":
+        from kvbench.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'kvbench' has no attribute {name!r}")
+
+
 class KVBenchError(Exception):
     """A mistake the user can fix (bad config, missing file). Printed as one line, no traceback."""
 

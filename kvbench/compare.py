@@ -27,10 +27,10 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench import KVBenchError
+from kvbench.resources import PAPER_DIR
 from kvbench.results import atomic_write_text
 from kvbench.tables import collect, find_runs
 
-PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 AVG = "__avg__"  # a cell that is the mean of a run's sub-task scores
 KINDS = ("paper", "ours", "Δ")
 SCALES = ("full", "smoke")

@@ -20,8 +20,9 @@ from kvbench.methods.base import Method
 class Generation:
     tokens: list[list[int]]  # new tokens per sequence, stop token excluded
     prompt_tokens: int
-    seconds: float
+    seconds: float  # prefill + decode
     kv: dict = field(default_factory=dict)
+    prefill_seconds: float = 0.0  # the prompt's forward pass and its compression (up to the first token's logits)
 
     def record_fields(self) -> dict:
         """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept."""
@@ -29,6 +30,7 @@ class Generation:
             "n_prompt": self.prompt_tokens,
             "n_new": len(self.tokens[0]),
             "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
             **self.kv,
         }
 
@@ -65,6 +67,9 @@ def generate(
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
     logits = forward(model, cache, input_ids)[:, -1]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prefilled = time.perf_counter()
     cache.phase = "decode"
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -81,7 +86,10 @@ def generate(
             break
         logits = forward(model, cache, next_token[:, None])[:, -1]
     kv = cache.kv_summary()
-    return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv,
+                      prefill_seconds=prefilled - start)
 
 
 @dataclass

@@ -131,6 +131,17 @@ def _load_pretrained(path: str, dtype: torch.dtype, attn: str):
     return model, tokenizer
 
 
+def resolve_config(cfg: dict) -> dict:
+    """A model config with `model.path` set on a config that ships its weights (`asset`, `tiny`: model=tiny)
+    loads that path instead, under a name derived from it (`org/Some-Model` -> `Some-Model`)."""
+    cfg = dict(cfg)
+    if cfg.get("path") and (cfg.get("asset") or cfg.get("tiny")):
+        cfg.pop("asset", None)
+        cfg.pop("tiny", None)
+        cfg["name"] = Path(str(cfg["path"]).rstrip("/")).name or str(cfg["path"])
+    return cfg
+
+
 def load(cfg) -> tuple[torch.nn.Module, object]:
     """Build or load the model named by a `configs/model/*.yaml` config."""
     device = resolve_device(cfg.get("device", "auto"))

@@ -1,20 +1,23 @@
-"""Run folders: `results/runs/<model>/<task>/<method>/<budget>/`.
+"""Run folders: `results/runs/<model>/<task>/<method>/<budget>-<run id>/` (`kvbench/identity.py`).
 
 Each holds
 - `predictions.jsonl`: one record per sample, appended and flushed as it goes;
-- `config.yaml`: the resolved config of the run;
+- `config.yaml`: the resolved config of the run, with its `run_id` and the settings hashed into it;
 - `scores.json`: scores per sub-task and their average;
 - `meta.json`: git commit, versions, device, seed, timings, memory, KV kept.
 
 A restarted run with the same settings skips the samples already on disk; a
-half-written last line (a kill mid-write) is dropped. A folder that holds a
-run with other settings is never mixed into: that is an error naming the fix.
-Summary files are written atomically (temp file + rename).
+half-written last line (a kill mid-write) is dropped, and so is a corrupt line
+anywhere else (with a warning that counts them), every other record is kept.
+A folder that holds a run with other settings is never mixed into: that is an
+error naming the fix. Every file is written with the permissions the umask
+gives (0644 by default); summary files atomically (temp file + rename).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -27,31 +30,18 @@ import torch
 import yaml
 
 from kvbench import KVBenchError
+from kvbench.identity import hashed_settings
 
-# config sections that change what a run computes; limit and num_samples only change how many samples
-FINGERPRINT_SECTIONS = ("model", "task", "method", "budget", "seed")
-IGNORED_KEYS = {"model": {"device"}, "task": {"limit", "num_samples"}}  # sample i is the same whatever the count
+log = logging.getLogger("kvbench")
 
 
 def safe_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-") or "x"
 
 
-def run_path(root: str | Path, model: str, task: str, method: str, budget: str) -> Path:
-    return Path(root) / "runs" / safe_label(model) / safe_label(task) / safe_label(method) / safe_label(budget)
-
-
-def fingerprint(cfg: dict) -> dict:
-    """The settings that must match for a run folder to be resumed."""
-    out = {}
-    for section in FINGERPRINT_SECTIONS:
-        value = cfg.get(section)
-        if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in IGNORED_KEYS.get(section, set())}
-        out[section] = value
-    if (cfg.get("method") or {}).get("name") == "full":
-        out["budget"] = None  # a full cache ignores the budget
-    return out
+def run_path(root: str | Path, model: str, task: str, method: str, budget: str, run_id: str | None = None) -> Path:
+    last = f"{safe_label(budget)}-{run_id}" if run_id else safe_label(budget)
+    return Path(root) / "runs" / safe_label(model) / safe_label(task) / safe_label(method) / last
 
 
 def _diff(old, new, prefix="") -> list[str]:
@@ -63,13 +53,21 @@ def _diff(old, new, prefix="") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
 
 
+def file_mode() -> int:
+    """The permissions a new file gets under the current umask (0644 with the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -116,29 +114,36 @@ class RunFolder:
 
     def _changes(self, resolved_cfg: dict) -> list[str]:
         """Settings of the run on disk that differ from `resolved_cfg` (its config.yaml must exist)."""
-        return _diff(fingerprint(self._old_config()), fingerprint(resolved_cfg))
+        return _diff(hashed_settings(self._old_config()), hashed_settings(resolved_cfg))
 
     def records(self) -> list[dict]:
-        """Records on disk; a trailing partial line (killed mid-write) is cut off the file."""
+        """Records on disk. A corrupt line is dropped (its sample runs again) and every other record kept:
+        a trailing partial line (killed mid-write) is cut off; a corrupt line elsewhere is counted in a
+        warning and the file is rewritten atomically without it."""
         if not self.predictions_path.exists():
             return []
         raw = self.predictions_path.read_bytes()
-        records, good = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
+        records, good, bad = [], [], []
+        lines = raw.splitlines(keepends=True)
+        for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-        if good != len(raw):
-            with open(self.predictions_path, "r+b") as f:
-                f.truncate(good)
+                record = json.loads(line) if line.endswith(b"\n") else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if isinstance(record, dict) and "id" in record:
+                records.append(record)
+                good.append(line)
+            elif line.strip() and not (number == len(lines) and not line.endswith(b"\n")):
+                bad.append(number)
+        if bad:
+            log.warning("%s: dropped %d corrupt line(s) (line %s); their samples run again",
+                        self.predictions_path, len(bad), ", ".join(map(str, bad[:10])))
+        if len(good) != len(lines):
+            atomic_write_text(self.predictions_path, b"".join(good).decode())
         return records
 
     def append(self, record: dict) -> None:
-        with open(self.predictions_path, "a") as f:
+        with open(self.predictions_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -219,13 +224,32 @@ def _mean_grid(grids: list[list[list[float]]], digits: int) -> list[list[float]]
 
 
 def timing_meta(records: list[dict]) -> dict:
+    """Generation time of the records, summed over every session that wrote them: prefill (the prompt's
+    forward pass and compression) and decode apart, each with its tokens/s. The first new token comes
+    from the prefill's logits; decode tokens/s is new tokens over decode time."""
     seconds = sum(r.get("seconds", 0.0) for r in records)
     prompt = sum(r.get("n_prompt", 0) for r in records)
     new = sum(r.get("n_new", 0) for r in records)
+    split = all("prefill_seconds" in r for r in records) and new > 0  # perplexity streams: no prefill/decode
+    prefill = sum(r.get("prefill_seconds", 0.0) for r in records) if split else None
+    decode = seconds - prefill if split else None
+    per_s = lambda tokens, secs: round(tokens / secs, 2) if secs else None  # noqa: E731
     return {
         "generation_seconds": round(seconds, 3),
+        "prefill_seconds": round(prefill, 3) if split else None,
+        "decode_seconds": round(decode, 3) if split else None,
         "prompt_tokens": prompt,
         "new_tokens": new,
-        "tokens_per_s": round((prompt + new) / seconds, 2) if seconds else None,
-        "new_tokens_per_s": round(new / seconds, 2) if seconds else None,
+        "tokens_per_s": per_s(prompt + new, seconds),
+        "prefill_tokens_per_s": per_s(prompt, prefill) if split else None,
+        "new_tokens_per_s": per_s(new, decode) if split else None,
+    }
+
+
+def session_wall(records: list[dict], this_session: float) -> dict:
+    """Wall time of the sample loop summed over the sessions that wrote `records` (each record holds its
+    share), and this session's wall time from start to scores (model loading included)."""
+    return {
+        "wall_seconds": round(sum(r.get("wall_seconds", r.get("seconds", 0.0)) for r in records), 3),
+        "wall_seconds_this_session": round(this_session, 3),
     }

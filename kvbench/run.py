@@ -11,11 +11,13 @@ errors for mistakes a user can fix.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,9 +29,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from kvbench import KVBenchError, methods, models, tasks
+from kvbench import KVBenchError, methods, models, preflight, tasks
 from kvbench.cache import Budget
 from kvbench.generation import Generator
+from kvbench.identity import hashed_settings, run_id
+from kvbench.resources import CONFIG_DIR
 from kvbench.results import (
     RunFolder,
     device_info,
@@ -38,12 +42,12 @@ from kvbench.results import (
     package_versions,
     peak_memory,
     run_path,
+    session_wall,
     timing_meta,
 )
 from kvbench.tracking import Tracker
 
 log = logging.getLogger("kvbench")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "method", "budget", "task", "logger", "experiment")
 
 
@@ -88,33 +92,72 @@ def _group(cfg: dict) -> str | None:
     return f"sweep-{listing.parent.parent.name}-{listing.parent.name}" if listing else None
 
 
+@dataclass
+class RunResult:
+    """What a run leaves: its folder, scores.json's content, meta.json's, and the records of its samples."""
+
+    path: Path | None
+    scores: dict
+    meta: dict = field(repr=False)
+    records: list[dict] = field(repr=False)
+
+
 def execute(cfg: DictConfig | dict) -> Path:
     """Run one config to completion (resuming what is on disk); return the run folder."""
+    return run_config(cfg).path
+
+
+def _resolve(cfg: DictConfig | dict) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    resolved["model"] = models.resolve_config(resolved["model"])
+    return resolved
+
+
+def _load_finished(folder: RunFolder) -> RunResult:
+    scores = json.loads((folder.path / "scores.json").read_text())
+    meta_path = folder.path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    order = meta.get("sample_ids")
+    records = folder.records()
+    if order:
+        by_id = {r["id"]: r for r in records}
+        records = [by_id[i] for i in order if i in by_id]
+    return RunResult(folder.path, scores, meta, records)
+
+
+def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str | None = None) -> RunResult:
+    """Run one config to completion (resuming what is on disk) with its model, or with `model` and `tokenizer`;
+    `command` is what meta.json records as the command (default: this process's command line)."""
+    resolved = _resolve(cfg)
     method = methods.build(resolved["method"])
     budget = Budget.from_config(resolved.get("budget") or {}) if method.compresses else None
     if budget is not None and budget.tokens is None and budget.ratio is None:
         raise KVBenchError(f"method '{method.name}' needs a budget: budget.tokens=N, or budget=ratio budget.ratio=R")
     task = tasks.build(resolved["task"])
+    preflight.check_task_method(task, method)
     limit = resolved["task"].get("limit")
     labels = run_labels(resolved, task, method, budget)
-    folder = RunFolder(run_path(resolved["paths"]["results"], **labels))
+    identity = run_id(resolved)
+    folder = RunFolder(run_path(resolved["paths"]["results"], **labels, run_id=identity))
     name = "/".join(labels.values())
     if folder.finished(resolved):  # a rerun of a sweep skips its finished runs without loading the model
         log.info("%s: finished already, skipping -> %s", name, folder.path)
         _list_in_sweep(folder.path)
-        return folder.path
+        return _load_finished(folder)
+    preflight.check_writable(folder.path)
 
+    session_start = time.perf_counter()
     seed = int(resolved.get("seed", 0))
     random.seed(seed)
     torch.manual_seed(seed)
-    model, tokenizer = models.load(resolved["model"])
+    if model is None:
+        model, tokenizer = models.load(resolved["model"])
+    preflight.check_context(task, method, model)
     device = next(model.parameters()).device
-    samples = task.samples(tokenizer)
-    if limit is not None:
-        samples = samples[: int(limit)]
+    samples = tasks.limit_samples(task, task.samples(tokenizer), limit)
 
-    folder.open(resolved)  # checked and created only once everything above is valid
+    stored = {**resolved, "run_id": identity, "run_settings": hashed_settings(resolved)}
+    folder.open(stored)  # checked and created only once everything above is valid
     done = {r["id"]: r for r in folder.records()}
     todo = [s for s in samples if s["id"] not in done]
     resumed = len(samples) - len(todo)
@@ -122,7 +165,7 @@ def execute(cfg: DictConfig | dict) -> Path:
         log.info("%s: %d of %d samples already on disk, resuming", name, resumed, len(samples))
 
     config_for_tracking = {
-        **resolved,
+        **stored,
         "model_name": labels["model"],
         "task_name": labels["task"],
         "method_name": labels["method"],
@@ -130,7 +173,8 @@ def execute(cfg: DictConfig | dict) -> Path:
         "budget_tokens": budget.tokens if budget else None,
         "budget_ratio": budget.ratio if budget else None,
     }
-    tracker = Tracker(resolved.get("logger"), name, _group(resolved), config_for_tracking, list(labels.values()))
+    tracker = Tracker(resolved.get("logger"), name, _group(resolved), config_for_tracking, list(labels.values()),
+                      run_folder=folder.path)
     generator = Generator(
         model, tokenizer, method, budget,
         chat_format=resolved["model"].get("chat_format", "none"),
@@ -139,53 +183,62 @@ def execute(cfg: DictConfig | dict) -> Path:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = datetime.now(UTC)
-    t0 = time.perf_counter()
     try:
         batch_size = getattr(task, "batch_size", 1)
         progress = tqdm(total=len(samples), initial=resumed, desc=name, unit="sample", dynamic_ncols=True)
+        last = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             batch_records = task.evaluate_batch(batch, generator) if batch_size > 1 else [task.evaluate(batch[0], generator)]
+            now = time.perf_counter()
             for record in batch_records:
+                record["wall_seconds"] = round((now - last) / len(batch_records), 4)  # summed over sessions in meta
                 folder.append(record)
                 done[record["id"]] = record
+            last = now
             progress.update(len(batch))
         progress.close()
-        wall = time.perf_counter() - t0
 
         records = [done[s["id"]] for s in samples]
         subtask_scores = task.score(records)
         scores = {
             **labels,
+            "run_id": identity,
             "scores": subtask_scores,
             "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
             "n": len(records),
             **(task.score_details(records) if hasattr(task, "score_details") else {}),
+            "settings": stored["run_settings"],
         }
         meta = {
             **labels,
+            "run_id": identity,
             "git": git_commit(),
             "versions": package_versions(),
             "device": device_info(device),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "seed": seed,
             "started": started.isoformat(timespec="seconds"),
-            "wall_seconds": round(wall, 3),
+            **session_wall(records, time.perf_counter() - session_start),
             "samples": len(records),
             "samples_this_session": len(todo),
+            "samples_on_disk": len(done),
             "timing": timing_meta(records),
             "memory": peak_memory(device),
             "kv": kv_meta(records),
-            "command": _command_line(),
+            "command": command or _command_line(),
+            "sample_ids": [s["id"] for s in samples],
         }
         folder.write_scores(scores)
         folder.write_meta(meta)
         tracker.log_results(scores, meta, records)
-    finally:
-        tracker.finish()
+    except BaseException:
+        tracker.finish(exit_code=1)  # W&B marks the run failed/crashed, not finished and empty
+        raise
+    tracker.finish()
     _list_in_sweep(folder.path)
     log.info("%s: %s (n=%d) -> %s", name, subtask_scores, len(records), folder.path)
-    return folder.path
+    return RunResult(folder.path, scores, meta, records)
 
 
 class SweepTableCallback(Callback):
@@ -212,7 +265,7 @@ class SweepTableCallback(Callback):
             print(f"wrote {plot}")
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> str:
     try:
         return str(execute(cfg))

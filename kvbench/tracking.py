@@ -8,11 +8,18 @@ budget against score:
 - summary/metrics: `score/<subtask>`, `score/avg`, `kv/ratio`, `kv/kept_bytes`, `kv/full_bytes`,
   `time/tokens_per_s`, `time/wall_s`, `memory/peak_bytes`;
 - a `predictions` table (id, prediction, answers, score).
+
+The W&B run id is kept in the run folder (`wandb.json`), so a resumed run
+continues the same W&B run (`resume="allow"`); a run that stops on an
+exception or a kill signal is finished with exit code 1 (W&B shows it failed,
+not finished and empty).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from pathlib import Path
 
 MODES = ("offline", "online", "disabled")
@@ -39,7 +46,8 @@ def dashboard_keys(scores: dict, meta: dict) -> dict:
 class Tracker:
     """A thin wrapper so the runner never checks whether W&B is on."""
 
-    def __init__(self, logger_cfg: dict | None, name: str, group: str, config: dict, tags: list[str]):
+    def __init__(self, logger_cfg: dict | None, name: str, group: str, config: dict, tags: list[str],
+                 run_folder: Path | None = None):
         self.run = None
         cfg = dict(logger_cfg or {})
         if cfg.get("name", "none") != "wandb":
@@ -65,6 +73,8 @@ class Tracker:
             config=config,
             dir=str(directory),
             mode=mode,
+            id=_run_id(run_folder),
+            resume="allow",
             reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="off"),
         )
@@ -85,7 +95,24 @@ class Tracker:
             table.add_data(record.get("id"), record.get("prediction"), str(record.get("answers")), record.get("score"))
         self.run.log({"predictions": table})
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def _run_id(run_folder: Path | None) -> str | None:
+    """The W&B run id kept in `<run folder>/wandb.json`, made (and kept) on the first session."""
+    if run_folder is None:
+        return None
+    from kvbench.results import atomic_write_text
+
+    path = Path(run_folder) / "wandb.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["id"]
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: a new W&B run
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, json.dumps({"id": run_id}) + "\n")
+    return run_id

@@ -25,6 +25,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def run_folder(root, model, task, method, budget):
+    """The one run folder `<root>/runs/<model>/<task>/<method>/<budget>-<run id>`."""
+    (folder,) = (Path(root) / "runs" / model / task / method).glob(f"{budget}-*")
+    return folder
+
+
+TIMING = ("seconds", "prefill_seconds", "wall_seconds")
+
+
 def test_killed_run_resumes_without_duplicates_and_same_scores(tmp_path, monkeypatch):
     args = ["method=streamingllm", "budget.tokens=48", "task.num_samples=8"]
     reference = execute(config(tmp_path / "a", *args))
@@ -41,7 +50,7 @@ def test_killed_run_resumes_without_duplicates_and_same_scores(tmp_path, monkeyp
     monkeypatch.setattr(Passkey, "evaluate", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         execute(config(tmp_path / "b", *args))
-    folder = tmp_path / "b" / "runs" / "tiny" / "passkey" / "streamingllm" / "tokens48"
+    folder = run_folder(tmp_path / "b", "tiny", "passkey", "streamingllm", "tokens48")
     assert len(read_jsonl(folder / "predictions.jsonl")) == 5
     assert not (folder / "scores.json").exists()
     with open(folder / "predictions.jsonl", "a") as f:
@@ -51,16 +60,22 @@ def test_killed_run_resumes_without_duplicates_and_same_scores(tmp_path, monkeyp
     resumed = execute(config(tmp_path / "b", *args))
     records = read_jsonl(resumed / "predictions.jsonl")
     assert [r["id"] for r in records] == [f"passkey-{i}" for i in range(8)]
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
     assert strip(records) == strip(read_jsonl(reference / "predictions.jsonl"))
     assert json.loads((resumed / "scores.json").read_text()) == json.loads((reference / "scores.json").read_text())
     meta = json.loads((resumed / "meta.json").read_text())
     assert meta["samples"] == 8 and meta["samples_this_session"] == 3
+    # timing sums every session's records: 5 from the killed session, 3 from this one
+    assert meta["wall_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in records), abs=2e-3)
+    timing = meta["timing"]
+    assert timing["generation_seconds"] == pytest.approx(sum(r["seconds"] for r in records), abs=2e-3)
+    assert timing["prefill_seconds"] + timing["decode_seconds"] == pytest.approx(timing["generation_seconds"], abs=2e-3)
+    assert timing["new_tokens_per_s"] == pytest.approx(timing["new_tokens"] / timing["decode_seconds"], rel=1e-2)
 
 
 def test_run_folder_files_and_meta(tmp_path):
     folder = execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=3"))
-    assert folder == tmp_path / "runs" / "tiny" / "passkey" / "streamingllm" / "tokens32"
+    assert folder == run_folder(tmp_path, "tiny", "passkey", "streamingllm", "tokens32")
     assert {p.name for p in folder.iterdir()} == {"predictions.jsonl", "scores.json", "config.yaml", "meta.json"}
     meta = json.loads((folder / "meta.json").read_text())
     for key in ("git", "versions", "device", "seed", "wall_seconds", "timing", "memory", "kv"):
@@ -77,14 +92,20 @@ def test_run_folder_files_and_meta(tmp_path):
     assert scores["n"] == 3 and set(scores["scores"]) == {"passkey"}
 
 
-def test_other_settings_in_the_same_folder_are_refused(tmp_path):
-    execute(config(tmp_path, "task.num_samples=2"))
-    with pytest.raises(KVBenchError, match="run.tag"):
-        execute(config(tmp_path, "task.num_samples=2", "task.context_tokens=320"))
+def test_other_settings_get_their_own_folder_and_a_tag_stays_readable(tmp_path):
+    first = execute(config(tmp_path, "task.num_samples=2"))
+    other = execute(config(tmp_path, "task.num_samples=2", "task.context_tokens=320"))
+    assert other.parent == first.parent and other.name != first.name  # full/full-<hash> twice
     tagged = execute(config(tmp_path, "task.num_samples=2", "task.context_tokens=320", "run.tag=ctx320"))
-    assert tagged.parent.name == "full-ctx320"
+    assert tagged.parent.name == "full-ctx320" and tagged.name == other.name  # the tag is not hashed
     # more samples of the same settings extend the run instead
-    execute(config(tmp_path, "task.num_samples=3"))
+    assert execute(config(tmp_path, "task.num_samples=3")) == first
+    # a folder whose config.yaml says other settings (edited by hand, an older kvbench) is never mixed into
+    stored = (first / "config.yaml").read_text()
+    (first / "config.yaml").write_text(stored.replace("context_tokens: 300", "context_tokens: 310"))
+    (first / "scores.json").unlink()
+    with pytest.raises(KVBenchError, match="holds a run with other settings"):
+        execute(config(tmp_path, "task.num_samples=3"))
 
 
 def test_bad_budget_writes_nothing(tmp_path):
@@ -126,7 +147,7 @@ def test_cli_multirun_budget_sweep(tmp_path):
     out = cli(tmp_path, "-m", "model=tiny", "method=full,streamingllm", "budget.tokens=32,64", "task.num_samples=3")
     assert out.returncode == 0, out.stderr[-3000:]
     runs = tmp_path / "results" / "runs" / "tiny" / "passkey"
-    assert sorted(str(p.relative_to(runs)) for p in runs.glob("*/*")) == [
+    assert sorted(str(p.relative_to(runs)).split("-")[0] for p in runs.glob("*/*")) == [
         "full/full", "streamingllm/tokens32", "streamingllm/tokens64"
     ]
     table = (tmp_path / "results" / "tables" / "sweep.md").read_text()

@@ -27,3 +27,13 @@ def build(cfg):
         raise KVBenchError(f"unknown task '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
     params.pop("limit", None)  # handled by the runner
     return build_dataclass(REGISTRY[name], params, f"task '{name}'")
+
+
+def limit_samples(task, samples: list[dict], limit) -> list[dict]:
+    """The first `limit` samples (`task.limit`); a task with sub-tasks (LongBench) limits each one."""
+    if limit is None:
+        return samples
+    if int(limit) <= 0:
+        raise KVBenchError(f"task.limit={limit} must be a number of samples > 0 (or null for all)")
+    per_subtask = getattr(task, "limit_samples", None)
+    return per_subtask(samples, int(limit)) if per_subtask else samples[: int(limit)]

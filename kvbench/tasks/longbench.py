@@ -172,7 +172,11 @@ class LongBench:
     def samples(self, tokenizer=None) -> list[dict]:
         out = []
         for task, stem in self.files:
-            for row in self.load(stem):
+            rows = self.load(stem)
+            if not rows:
+                raise KVBenchError(f"LongBench subset {task} has no samples ({stem} is empty); "
+                                   f"drop it from task.subsets or fix the file in {self.data_dir}")
+            for row in rows:
                 out.append({
                     "id": f"{stem}/{row['_id']}",
                     "task": task,
@@ -183,6 +187,16 @@ class LongBench:
                     "all_classes": _strings(row.get("all_classes")),
                     "length": int(row.get("length") or 0),
                 })
+        return out
+
+    def limit_samples(self, samples: list[dict], limit: int) -> list[dict]:
+        """`task.limit` per sub-task (as lm-evaluation-harness's --limit): the first `limit` of each file."""
+        taken: dict[str, int] = {}
+        out = []
+        for sample in samples:
+            if taken.get(sample["file"], 0) < limit:
+                taken[sample["file"]] = taken.get(sample["file"], 0) + 1
+                out.append(sample)
         return out
 
     # -- evaluation

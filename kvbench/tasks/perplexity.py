@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -93,10 +94,7 @@ def load_documents(source: str, config: str | None, split: str, field: str) -> l
     if path.suffix == ".txt" and path.exists():
         return [path.read_text(encoding="utf-8")]
     if path.suffix in (".jsonl", ".json") and path.exists():
-        import json
-
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line)[field] for line in f if line.strip()]
+        return _json_texts(path, field)
     if path.suffix == ".parquet" and path.exists():
         import pandas as pd
 
@@ -118,6 +116,43 @@ def load_documents(source: str, config: str | None, split: str, field: str) -> l
     return list(data[field])
 
 
+def _json_texts(path: Path, field: str) -> list[str]:
+    """Texts of a .jsonl file (one object per line) or a .json array (of objects, or of strings)."""
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as err:
+        raise KVBenchError(f"task.source={path} is not valid JSON ({err}); give a JSON array or one object per line") from err
+    where = "item" if rows is not None else "line"
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise KVBenchError(f"task.source={path}: line {number} is not JSON ({err.msg}); fix or remove it") from err
+    out = []
+    for number, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            out.append(row)
+        elif isinstance(row, dict) and isinstance(row.get(field), str):
+            out.append(row[field])
+        else:
+            keys = f"its keys: {', '.join(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
+            raise KVBenchError(f"task.source={path}: {where} {number} has no text field '{field}' ({keys}); "
+                               "set task.text_field=NAME")
+    return out
+
+
+def source_name(source: str) -> str:
+    """A dataset name for a user's source: the file or folder name without suffix (`books.jsonl` -> books)."""
+    stem = Path(str(source).rstrip("/")).stem
+    return re.sub(r"[^A-Za-z0-9_+-]+", "-", stem).strip("-") or "text"
+
+
 @dataclass
 class Perplexity:
     dataset: str = "pg19"  # names the scores column; pg19 | proofpile | arxiv | openwebtext2 have default sources
@@ -135,6 +170,8 @@ class Perplexity:
     name: ClassVar[str] = "perplexity"
 
     def __post_init__(self):
+        if self.source and self.dataset in DATASETS and self.source != DATASETS[self.dataset][0]:
+            self.dataset = source_name(self.source)  # a user's text is filed under its own name, never as pg19
         if self.protocol not in PROTOCOLS:
             raise KVBenchError(f"task.protocol={self.protocol} is not one of: {', '.join(PROTOCOLS)}")
         if self.source is None and self.dataset not in DATASETS:
@@ -165,6 +202,10 @@ class Perplexity:
         if not out:
             raise KVBenchError(f"no document of {source} has 2 tokens or more")
         return out
+
+    def check_method(self, method) -> None:
+        """Before the run starts: a method that cannot compress after every token is an error."""
+        self._decode_stage(method)
 
     def _decode_stage(self, method):
         if not method.compresses or method.stage == "decode":
