@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from kvbench import KVBenchError
@@ -13,11 +14,20 @@ def check_writable(folder: Path) -> None:
     existing = Path(folder).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK) or not _can_create_in(existing):
         raise KVBenchError(
             f"cannot write the run folder {folder}: {existing} is not a writable folder; "
             "set paths.results=DIR to a folder you can write"
         )
+
+
+def _can_create_in(folder: Path) -> bool:
+    """A file can be made there (a read-only mount refuses even root); the probe is removed at once."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_task_method(task, method) -> None:

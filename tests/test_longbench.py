@@ -258,3 +258,23 @@ def test_missing_file_is_fetched_from_the_data_zip_when_online(tmp_path, monkeyp
     assert len(task.samples()) == 2
     with pytest.raises(KVBenchError, match="prepare_longbench"):  # downloads disabled: the clear error
         build({"name": "longbench", "data_dir": str(tmp_path / "x"), "subsets": ["trec"], "download": False}).samples()
+
+
+def test_limit_is_per_subset_as_in_lm_eval_harness():
+    from kvbench.tasks import limit_samples
+
+    task = build({"name": "longbench", "data_dir": str(FIXTURES), "subsets": ["hotpotqa", "trec"], "limit": 1})
+    samples = limit_samples(task, task.samples(), 1)
+    assert [s["task"] for s in samples] == ["hotpotqa", "trec"]  # one of each, trec is not dropped
+    assert len(limit_samples(task, task.samples(), 2)) == 4
+    assert limit_samples(task, task.samples(), None) == task.samples()
+    with pytest.raises(KVBenchError, match="task.limit=0"):
+        limit_samples(task, task.samples(), 0)
+
+
+def test_a_subset_without_samples_is_one_error(tmp_path):
+    (tmp_path / "trec.jsonl").write_text("")
+    (tmp_path / "hotpotqa.jsonl").write_text((FIXTURES / "hotpotqa.jsonl").read_text())
+    task = build({"name": "longbench", "data_dir": str(tmp_path), "subsets": ["hotpotqa", "trec"], "download": False})
+    with pytest.raises(KVBenchError, match="subset trec has no samples"):
+        task.samples()

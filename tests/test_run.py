@@ -179,6 +179,8 @@ def test_cli_demo_experiment(tmp_path):
         (["model=gpt5"], "unknown model 'gpt5'; choose one of:"),
         (["method=streamingllm", "budget.tokens=0"], "a budget must be a number > 0"),
         (["model=llama2-7b-chat", "logger=none"], "hf download meta-llama/Llama-2-7b-chat-hf"),
+        (["task=ppl_synthetic", "method=snapkv"], "perplexity compresses after every token, which snapkv cannot"),
+        (["task.context_tokens=4096"], "beyond the model's 2048 positions"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, args, message):

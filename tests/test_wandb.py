@@ -37,3 +37,45 @@ def test_dashboard_groups_by_method_and_plots_budget_against_score():
     assert "method_name" in str(workspace.runset_settings.groupby)
     text = str(workspace.sections[0].panels)
     assert "budget_tokens" in text and "score/avg" in text
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_killed_one_is_marked_failed(tmp_path, monkeypatch):
+    import json
+
+    import wandb
+
+    from kvbench.tasks.synthetic import Passkey
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    exit_codes = []
+    finish = wandb.Run.finish
+
+    def spy(self, exit_code=None, **kwargs):
+        exit_codes.append(exit_code)
+        return finish(self, exit_code=exit_code, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "finish", spy)
+    original = Passkey.evaluate
+    calls = {"n": 0}
+
+    def dies_after_one(self, sample, generator):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, sample, generator)
+
+    overrides = ["logger=wandb", f"paths.results={tmp_path}", "task.context_tokens=300", "task.num_samples=2"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    monkeypatch.setattr(Passkey, "evaluate", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg)
+    assert exit_codes == [1]  # finished as failed, not as a clean (empty) run
+    (kept,) = (tmp_path / "runs").glob("*/*/*/*/wandb.json")
+    run_id = json.loads(kept.read_text())["id"]
+    monkeypatch.setattr(Passkey, "evaluate", original)
+    execute(cfg)
+    assert exit_codes == [1, 0]
+    assert json.loads(kept.read_text())["id"] == run_id
+    sessions = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(sessions) == 2  # both sessions logged to the same W&B run id
