@@ -51,3 +51,20 @@ def run_id(cfg: dict) -> str:
     """8 hex digits that name the settings of `hashed_settings(cfg)`; stable across machines and sessions."""
     text = json.dumps(hashed_settings(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def differing_settings(settings: list[dict]) -> list[str]:
+    """For runs that share their readable labels: per run, the settings in which they differ, as
+    `key=value` joined by spaces ("" when they do not differ); a table labels such rows with it."""
+    flat = [_flatten(s or {}) for s in settings]
+    keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1})
+    return [" ".join(f"{k}={f.get(k)}" for k in keys) for f in flat]

@@ -63,3 +63,34 @@ def test_full_cache_ignores_the_budget_and_paths_under_results_are_relative():
     b["paths"]["results"] = "/other/results"
     assert hashed_settings(a)["method"]["head_scores"] == "${paths.results}/head_scores/tiny_r2.json"
     assert run_id(a) == run_id(b)
+
+
+def test_differing_settings_label_runs_that_share_their_readable_parts():
+    from kvbench.identity import differing_settings
+
+    demo = hashed_settings(changed("task.depth_max", 0.5))
+    default = hashed_settings(changed("task.depth_max", 1.0))
+    assert differing_settings([demo, default]) == ["task.depth_max=0.5", "task.depth_max=1.0"]
+    assert differing_settings([demo, demo]) == ["", ""]
+
+
+def test_fewer_samples_reuse_the_folder_and_keep_every_record(tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.run import run_config
+
+    def cfg(n):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=["logger=none", f"paths.results={tmp_path}", "task.context_tokens=300",
+                                                "method=streamingllm", "budget.tokens=32", f"task.num_samples={n}"])
+
+    three = run_config(cfg(3))
+    two = run_config(cfg(2))
+    assert two.path == three.path and two.meta["samples_this_session"] == 0  # nothing recomputed
+    assert two.scores["n"] == 2 and [r["id"] for r in two.records] == [r["id"] for r in three.records[:2]]
+    assert len((two.path / "predictions.jsonl").read_text().splitlines()) == 3  # the third record stays
+    assert json.loads((two.path / "scores.json").read_text())["n"] == 2
+    assert json.loads((two.path / "meta.json").read_text())["samples_on_disk"] == 3
