@@ -96,7 +96,7 @@ class RunFolder:
             if changes:
                 raise KVBenchError(
                     f"{self.path} holds a run with other settings ({'; '.join(changes[:4])}); "
-                    "set run.tag=NAME to keep both, or delete that folder"
+                    "its config.yaml was changed by hand or by another kvbench version; move or delete that folder"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, yaml.safe_dump(resolved_cfg, sort_keys=False))
