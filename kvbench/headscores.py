@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvbench import KVBenchError
@@ -41,7 +42,8 @@ def load_head_scores(path: str | Path) -> torch.Tensor:
         match = KEY.match(str(key))
         if match is None or not isinstance(scores, list):
             raise KVBenchError(f"head-score file {path}: entry {key!r} is not \"layer-head\": [scores]")
-        means[int(match[1]), int(match[2])] = sum(scores) / len(scores) if scores else 0.0
+        # np.mean as HeadKV's code takes it (its summation order); an empty list scores 0 (NaN there)
+        means[int(match[1]), int(match[2])] = float(np.mean(scores)) if scores else 0.0
     layers = 1 + max(layer for layer, _ in means)
     heads = 1 + max(head for _, head in means)
     missing = [f"{layer}-{head}" for layer in range(layers) for head in range(heads) if (layer, head) not in means]

@@ -74,14 +74,14 @@ def test_missing_score_file_says_how_to_make_one(tmp_path):
     (5, [88, 96, 104, 112]),
 ])
 def test_headkv_caps_by_hand(beta, expected):
-    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), kv_heads=4, per_head=100, beta=beta)
+    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), heads=4, per_head=100, beta=beta)
     assert caps.tolist() == [expected]
     assert sum(expected) == 100 * 4
 
 
 def test_headkv_caps_gqa_sums_a_groups_scores():
     # query heads (1, 2 | 3, 4) -> KV heads s = (.3, .7); beta 1.2: pool = 83 * 2, floor 17
-    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), kv_heads=2, per_head=100, beta=1.2)
+    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), heads=2, per_head=100, beta=1.2)
     assert caps.tolist() == [[round(0.3 * 166 + 17), round(0.7 * 166 + 17)]] == [[67, 133]]
 
 
@@ -89,7 +89,7 @@ def test_headkv_caps_gqa_sums_a_groups_scores():
 @pytest.mark.parametrize("per_head", [56, 120, 504])
 def test_headkv_caps_sum_to_the_budget_up_to_rounding(beta, per_head):
     importance = torch.rand(32, 32, generator=torch.Generator().manual_seed(per_head)) ** 4
-    caps = headkv_caps(importance, kv_heads=8, per_head=per_head, beta=beta, temperature=1.0)
+    caps = headkv_caps(importance, heads=8, per_head=per_head, beta=beta, temperature=1.0)
     assert caps.shape == (32, 8)
     assert abs(int(caps.sum()) - per_head * 32 * 8) <= 32 * 8 / 2
     assert int(caps.min()) >= per_head - math.floor(per_head / beta)  # nobody below the floor
