@@ -314,3 +314,28 @@ def test_expand_generation_on_the_tiny_model_stores_g_times_the_tokens(tiny_gqa)
         40 + len(kv_gen.tokens[0]) - 1)
     assert ex_gen.kv["kv_full_bytes"] == kv_gen.kv["kv_full_bytes"] * (150 + decoded) // (
         150 + len(kv_gen.tokens[0]) - 1)
+
+
+# ----------------------------------------------------------------------------- one BOS in a templated prompt
+
+
+def test_chat_template_with_bos_gives_one_bos():
+    from transformers import AutoTokenizer
+
+    from kvbench.generation import Generator
+    from kvbench.models import BYTE_TOKENIZER_DIR, wrap_chat
+
+    tok = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
+    # a Llama-3-like template that writes the BOS itself
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>\n{% endif %}")
+    generator = Generator(model=None, tokenizer=tok, method=build({"name": "full"}), chat_format="tokenizer")
+    text = wrap_chat("What is 2 + 2?", "tokenizer", tok)
+    assert text.startswith("<s>")
+    ids = generator.encode(text)[0].tolist()
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    # an unwrapped prompt (trec, lcc, ...) still gets the tokenizer's BOS, once
+    ids = generator.encode("What is 2 + 2?")[0].tolist()
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    # the same text through the tokenizer's defaults would have held two: the case this guards
+    assert tok(text).input_ids.count(tok.bos_token_id) == 2

@@ -34,8 +34,6 @@ from kvbench import KVBenchError
 from kvbench.attention import StatsRequest
 from kvbench.methods.base import Method
 
-GQA_LAYOUTS = ("kv", "expand")
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -57,9 +55,9 @@ def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 class SnapKV(Method):
     window: int = 32
     kernel: int = 7
-    gqa: str = "kv"  # kv: per KV head (memory-real) | expand: per query head, as KVCache-Factory and HeadKV
 
     name: ClassVar[str] = "snapkv"
+    expands: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,8 +67,6 @@ class SnapKV(Method):
             raise KVBenchError(f"method.kernel={self.kernel} must be an odd number >= 1")
         if self.window < 1:
             raise KVBenchError(f"method.window={self.window} must be >= 1")
-        if self.gqa not in GQA_LAYOUTS:
-            raise KVBenchError(f"method.gqa={self.gqa} is not one of: {', '.join(GQA_LAYOUTS)}")
         if self.per_head and self.positions != "original":
             raise KVBenchError(f"{self.name} with per-head budgets keeps original positions: use method.positions=original")
         if self.per_head and self.sinks:
