@@ -43,7 +43,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from kvbench import KVBenchError, models
-from kvbench.headscores import NEEDLES, estimate_head_scores, official_depths, official_lengths, write_head_scores
+from kvbench.headscores import (
+    NEEDLES,
+    estimate_head_scores,
+    official_depths,
+    official_lengths,
+    write_head_scores,
+)
 
 log = logging.getLogger("kvbench")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
