@@ -117,8 +117,9 @@ PAPER_TABLES = {
         rows={paper: {"method": ours, "budget_any": ours == "full"} for paper, ours in HEADKV_METHODS.items()},
         columns={str(b): {"budget": f"tokens{b}"} for b in HEADKV_BUDGETS},
         passes=[[], ["method=snapkv", "method.window=8"], ["method=headkv", "method.variant=r"]],
-        layout=("KV layout: per query head (method.gqa=expand), as HeadKV's code: a budget C stores 32 query heads x "
-                "C tokens per layer, 4x the per-KV-head layout; bytes stored per run: meta.json kv.kv_kept_bytes."),
+        layout=("KV layout: per query head (method.gqa=expand), as HeadKV's code: a budget C stores 32 layers x 32 "
+                "query heads x C tokens x (K, V) x 128 x 2 bytes (fp16) = C/2 MiB per sequence plus decoded tokens, "
+                "4x the per-KV-head layout (C/8 MiB); each run's bytes: meta.json kv.kv_kept_bytes."),
         smoke={"model": {"llama3-8b-instruct": "tiny"},
                "method": {ours: f"{ours}-qa6" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
                "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},

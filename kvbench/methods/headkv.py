@@ -31,7 +31,8 @@ scores 0 (the official np.mean gives NaN), all-zero scores split evenly (NaN
 there); scores are matched to heads by their "layer-head" key, not by the order
 of the file; the window statistic is float32 (the official casts the softmax to
 the model dtype before the mean and the max-pool), and among equal scores the
-newer token is kept (the official takes `sort` order).
+newer token is kept (the official takes `sort` order); a prompt exactly C long
+is compressed there (heads capped below B drop tokens) and left alone here.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ Head layout (`gqa`):
   so a GQA model stores G = query heads / KV heads times the tokens of `kv`
   (a ragged store with one segment per query head; meta.json counts its bytes).
   Needs `sinks: 0` and `positions: original`.
+
+Remaining differences from KVCache-Factory's SnapKVCluster.update_kv: the
+window attention is float32 here (the reference casts the float32 softmax back
+to the model dtype before the mean and the pool), and among equal pooled
+scores the newer token is kept (the reference takes `topk` order).
 """
 
 from __future__ import annotations
