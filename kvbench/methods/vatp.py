@@ -55,7 +55,7 @@ class VATP(H2O):
     sinks: int = 20
     base: str = "h2o"
     norm: str = "l1"
-    window: int = 400  # scissorhands: prompt queries whose mean attention scores the prompt
+    window: int = 400  # scissorhands: the last `window` prompt queries score the prompt (their sum / window)
     recent_window: int = 10  # scissorhands: the recent window
 
     name: ClassVar[str] = "vatp"
