@@ -40,6 +40,7 @@ class StatsRequest:
     colsum: bool = False  # sum over every query of its attention on each key
     window: int = 0  # mean attention of the last `window` queries on each key
     row: bool = False  # attention of the (single) decode query on each key
+    per_query_head: bool = False  # the window statistic per query head, not averaged over a GQA group
 
     def any(self) -> bool:
         return self.colsum or self.window > 0 or self.row
@@ -47,7 +48,8 @@ class StatsRequest:
 
 @dataclass
 class Stats:
-    """Per-KV-head attention statistics of one layer call, each (batch, kv_heads, kv_len) float32."""
+    """Per-KV-head attention statistics of one layer call, each (batch, kv_heads, kv_len) float32
+    (the window statistic is (batch, query_heads, kv_len) when requested `per_query_head`)."""
 
     n_queries: int
     colsum: torch.Tensor | None = None
@@ -224,7 +226,10 @@ def compute_stats(request: StatsRequest, query, key, scaling=None) -> Stats:
     if request.colsum or (request.row and query.shape[2] > 1):
         stats.colsum = attention_column_sums(query, key, scaling)
     if request.window:
-        stats.window = attention_window(query, key, request.window, scaling)
+        # per query head (`gqa: expand`): the KV heads repeated to every query head first, as repeat_kv does
+        groups = query.shape[1] // key.shape[1] if request.per_query_head else 1
+        window_keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        stats.window = attention_window(query, window_keys, request.window, scaling)
     if request.row:
         # a single decode query: its row is the column sum of one query
         stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, scaling)

@@ -22,7 +22,9 @@ order; every rule is stated on positions.
 - per-head budgets (HeadKV, Ada-SnapKV, PyramidKV: `method.per_head`): at the
   prompt each head keeps its own number of tokens and the layer moves to a
   ragged store (`kvbench.ragged.RaggedKV`, stored bytes = the sum of the head
-  budgets); decoded tokens are appended to it.
+  budgets); decoded tokens are appended to it. With `method.gqa: expand` the
+  store holds one segment per query head (each KV head repeated to its G query
+  heads, as the reference codes do), and G x the tokens.
 - a prompt no longer than the budget is left alone.
 """
 
@@ -105,6 +107,7 @@ class CompressedLayer(CacheLayerMixin):
     # -- transformers' CacheLayerMixin interface
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv_heads = key_states.shape[1]  # a full cache's heads (a gqa: expand store may hold more)
         self.is_initialized = True
 
     @property
@@ -139,6 +142,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
+            groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
+            if groups > 1:
+                key_states = key_states.repeat_interleave(groups, dim=1)
+                value_states = value_states.repeat_interleave(groups, dim=1)
             self.ragged.append(key_states, value_states)
             self.seen += key_states.shape[2]
             return key_states, value_states
@@ -233,10 +240,13 @@ class CompressedLayer(CacheLayerMixin):
     def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
         """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
 
-        The dense buffers are freed; `reserve` slots per head wait for decoded tokens."""
-        self.ragged = RaggedKV(
-            self.keys[:, :, : self.length], self.values[:, :, : self.length], keep, self.view("pos"), reserve
-        )
+        The dense buffers are freed; `reserve` slots per head wait for decoded tokens. A `keep` with more
+        heads than the store (gqa: expand) repeats each KV head to its query heads first, as repeat_kv."""
+        keys, values, pos = self.keys[:, :, : self.length], self.values[:, :, : self.length], self.view("pos")
+        groups = keep.shape[1] // keys.shape[1]
+        if groups > 1:
+            keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
+        self.ragged = RaggedKV(keys, values, keep, pos, reserve)
         self.keys = self.values = None
         self.state = {}
         self.length = 0
@@ -375,9 +385,9 @@ class CompressedCache(Cache):
                 continue
             per_token = layer.bytes_per_token()
             kept_tokens += sum(kept)
-            full_tokens += len(kept) * layer.seen
+            full_tokens += layer.kv_heads * layer.seen
             kept_bytes += sum(kept) * per_token
-            full_bytes += len(kept) * layer.seen * per_token
+            full_bytes += layer.kv_heads * layer.seen * per_token
             per_layer.append(kept)
         return {
             "kv_kept_tokens": kept_tokens,
@@ -385,4 +395,5 @@ class CompressedCache(Cache):
             "kv_kept_bytes": kept_bytes,
             "kv_full_bytes": full_bytes,
             "kv_kept_per_layer_head": per_layer,
+            "kv_seen_tokens": max((layer.seen for layer in self.layers), default=0),
         }

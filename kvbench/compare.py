@@ -51,6 +51,7 @@ class PaperTable:
     smoke: dict | None = None  # label -> {ours at full scale: ours at smoke scale}; None: no smoke scale
     passes: list[list[str]] = field(default_factory=lambda: [[]])  # extra overrides, one sweep each
     analysis: dict | None = None  # value-norm profile to write after the sweep: {"source": ..., "tokens": ...}
+    layout: str = ""  # how the runs store the KV cache, for the table's note
 
     def labels(self, row_key, column: str, scale: str) -> dict | None:
         row = self.rows.get(row_key)
@@ -73,8 +74,9 @@ LONGBENCH_TASKS = [
 VATP_MODELS = {"LLaMA2-7B-chat": "llama2-7b-chat", "Vicuna-v1.5-7B-16k": "vicuna-v1.5-7b-16k-7500"}
 VATP_METHODS = {"Full": "full", "H2O": "h2o", "H2O+VATP": "vatp", "Scissorhands": "scissorhands",
                 "Scissorhands+VATP": "vatp-scissorhands"}
-HEADKV_METHODS = {"FullKV": "full", "SnapKV": "snapkv", "PyramidKV": "pyramidkv", "Ada-SnapKV": "ada_snapkv",
-                  "HeadKV-R": "headkv-r", "HeadKV-R2": "headkv-r2"}
+# the experiment runs every method per query head (method.gqa=expand), as HeadKV's code: labels end in -expand
+HEADKV_METHODS = {"FullKV": "full", "SnapKV": "snapkv-expand", "PyramidKV": "pyramidkv-expand",
+                  "Ada-SnapKV": "ada_snapkv-expand", "HeadKV-R": "headkv-r-expand", "HeadKV-R2": "headkv-r2-expand"}
 HEADKV_BUDGETS = [64, 96, 128, 256, 512, 1024, 2048]
 HEADKV_SMOKE_BUDGETS = [16, 24, 32, 64, 128, 192, 256]  # prompts of at most 512 tokens
 
@@ -115,6 +117,9 @@ PAPER_TABLES = {
         rows={paper: {"method": ours, "budget_any": ours == "full"} for paper, ours in HEADKV_METHODS.items()},
         columns={str(b): {"budget": f"tokens{b}"} for b in HEADKV_BUDGETS},
         passes=[[], ["method=snapkv", "method.window=8"], ["method=headkv", "method.variant=r"]],
+        layout=("KV layout: per query head (method.gqa=expand), as HeadKV's code: a budget C stores 32 layers x 32 "
+                "query heads x C tokens x (K, V) x 128 x 2 bytes (fp16) = C/2 MiB per sequence plus decoded tokens, "
+                "4x the per-KV-head layout (C/8 MiB); each run's bytes: meta.json kv.kv_kept_bytes."),
         smoke={"model": {"llama3-8b-instruct": "tiny"},
                "method": {ours: f"{ours}-qa6" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
                "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
@@ -229,6 +234,7 @@ def reproduce(name: str, scale: str = "full", results: str = "results", run: boo
             write_analysis(table, scale, results)
     frame = compare(table, collect(find_runs(results)), scale)
     note = SMOKE_NOTE if scale == "smoke" else f"{name}: paper (results/paper/{table.csv}), ours, Δ = ours − paper."
+    note += f" {table.layout}" if table.layout else ""
     out_name = name + ("_smoke" if scale == "smoke" else "")
     return frame, write(frame, Path(results) / "tables", out_name, note)
 

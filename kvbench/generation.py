@@ -92,6 +92,12 @@ def generate(
                       prefill_seconds=prefilled - start)
 
 
+def starts_with_bos(text: str, tokenizer) -> bool:
+    """Whether `text` already holds the tokenizer's BOS token at its start (a templated chat prompt)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
 @dataclass
 class Generator:
     """What a task evaluates with: the model and tokenizer, the method and budget, the chat format."""
@@ -104,8 +110,12 @@ class Generator:
     max_prompt_tokens: int | None = None  # tasks that truncate prompts (LongBench) truncate to this
 
     def encode(self, text: str) -> torch.Tensor:
-        """Token ids (1, n) with the tokenizer's special tokens (BOS for Llama)."""
-        return self.tokenizer(text, return_tensors="pt").input_ids
+        """Token ids (1, n) with exactly one BOS where the tokenizer adds one.
+
+        The tokenizer's special tokens are added unless the text already starts with the BOS token, as a
+        chat template such as Llama-3's does (`<|begin_of_text|>`): KVCache-Factory's run_longbench.py
+        tokenizes its Llama-3 chat prompts with add_special_tokens=False for that reason."""
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=not starts_with_bos(text, self.tokenizer)).input_ids
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

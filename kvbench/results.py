@@ -209,7 +209,7 @@ def kv_meta(records: list[dict]) -> dict:
     for record in records:
         grid = record.get("kv_kept_per_layer_head")
         if grid:
-            seen = record["kv_full_tokens"] / sum(len(row) for row in grid)
+            seen = record.get("kv_seen_tokens") or record["kv_full_tokens"] / sum(len(row) for row in grid)
             fractions.append([[kept / seen for kept in row] for row in grid])
             grids.append(grid)
     if fractions:

@@ -74,14 +74,14 @@ def test_missing_score_file_says_how_to_make_one(tmp_path):
     (5, [88, 96, 104, 112]),
 ])
 def test_headkv_caps_by_hand(beta, expected):
-    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), kv_heads=4, per_head=100, beta=beta)
+    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), heads=4, per_head=100, beta=beta)
     assert caps.tolist() == [expected]
     assert sum(expected) == 100 * 4
 
 
 def test_headkv_caps_gqa_sums_a_groups_scores():
     # query heads (1, 2 | 3, 4) -> KV heads s = (.3, .7); beta 1.2: pool = 83 * 2, floor 17
-    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), kv_heads=2, per_head=100, beta=1.2)
+    caps = headkv_caps(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), heads=2, per_head=100, beta=1.2)
     assert caps.tolist() == [[round(0.3 * 166 + 17), round(0.7 * 166 + 17)]] == [[67, 133]]
 
 
@@ -89,7 +89,7 @@ def test_headkv_caps_gqa_sums_a_groups_scores():
 @pytest.mark.parametrize("per_head", [56, 120, 504])
 def test_headkv_caps_sum_to_the_budget_up_to_rounding(beta, per_head):
     importance = torch.rand(32, 32, generator=torch.Generator().manual_seed(per_head)) ** 4
-    caps = headkv_caps(importance, kv_heads=8, per_head=per_head, beta=beta, temperature=1.0)
+    caps = headkv_caps(importance, heads=8, per_head=per_head, beta=beta, temperature=1.0)
     assert caps.shape == (32, 8)
     assert abs(int(caps.sum()) - per_head * 32 * 8) <= 32 * 8 / 2
     assert int(caps.min()) >= per_head - math.floor(per_head / beta)  # nobody below the floor
@@ -367,35 +367,91 @@ def test_step_scores_match_loops():
     g = torch.Generator().manual_seed(0)
     rows = torch.softmax(torch.randn(3, 4, 30, generator=g) * 3, dim=-1)
     context = torch.randint(0, 5, (30,), generator=g)
-    needle, answer = (10, 18), (14, 16)
+    span = (14, 17)  # the needle's answer span: the only positions credited, divided by its length
     for token in range(5):
-        r = step_scores(rows, token, context, needle, answer, "r")
-        r2 = step_scores(rows, token, context, needle, answer, "r2")
+        r = step_scores(rows, token, context, span, "r")
+        r2 = step_scores(rows, token, context, span, "r2")
         for layer in range(3):
             for head in range(4):
                 row = rows[layer, head].tolist()
                 top = max(range(30), key=lambda j: row[j])
-                hit = 10 <= top < 18 and int(context[top]) == token
-                assert float(r[layer, head]) == pytest.approx(1 / 8 if hit else 0.0)
-                top8 = sorted(range(30), key=lambda j: row[j], reverse=True)[:8]
-                expected = sum(row[j] for j in top8 if 14 <= j < 16) / 2
+                hit = 14 <= top < 17 and int(context[top]) == token
+                assert float(r[layer, head]) == pytest.approx(1 / 3 if hit else 0.0)
+                top3 = sorted(range(30), key=lambda j: row[j], reverse=True)[:3]  # top-k = the span's length
+                expected = sum(row[j] for j in top3 if 14 <= j < 17) / 3
                 assert float(r2[layer, head]) == pytest.approx(expected)
 
 
-def test_prompt_spans_hold_the_needle_and_the_answer(tiny_gqa):
-    from kvbench.headscores import HAYSTACK, NEEDLES, build_prompt
+def test_prompt_spans_hold_the_answer_span(tiny_gqa):
+    from kvbench.headscores import BUFFER, HAYSTACK, NEEDLES, QUESTION, build_prompt
 
     _, tok = tiny_gqa
     haystack = tok(HAYSTACK.read_text(), add_special_tokens=False).input_ids
-    for needle in NEEDLES["r2"]:
-        for depth in (0.0, 0.5, 1.0):
-            ids, (n0, n1), (a0, a1) = build_prompt(tok, haystack, needle, 600, depth)
-            assert abs(len(ids) - 600) <= 2 and ids[0] == tok.bos_token_id
-            assert tok.decode(ids[n0:n1]) == needle.text and tok.decode(ids[a0:a1]) == needle.answer
-            assert n0 <= a0 < a1 <= n1
-            assert tok.decode(ids).endswith(f"{needle.question} Answer:")
-    ids, (n0, _), _ = build_prompt(tok, haystack, NEEDLES["r"][0], 600, 0.5)
-    assert 100 < n0 < 300 and tok.decode(ids[n0 - 2:n0]) == ". "  # after a sentence, near the middle
+    for needle in NEEDLES["r"] + NEEDLES["r2"]:
+        question = tok(QUESTION.format(question=needle.question), add_special_tokens=False).input_ids
+        for depth in (0, 44, 100):
+            ids, (a0, a1) = build_prompt(tok, haystack, needle, 800, depth)
+            # [BOS] + (length - 200) tokens of haystack and needle + the raw question, no chat template
+            assert ids[0] == tok.bos_token_id and len(ids) == 1 + 800 - BUFFER + len(question)
+            assert tok.decode(ids[a0:a1]).strip() == needle.span
+            assert tok.decode(ids).endswith(f"Question: {needle.question}\nAnswer:")
+    ids, (a0, _) = build_prompt(tok, haystack, NEEDLES["r"][0], 800, 50)
+    needle_start = tok.decode(ids).index(NEEDLES["r"][0].text)
+    assert 100 < needle_start <= 260 and tok.decode(ids)[needle_start - 2:needle_start] == ". "  # back to a sentence end
+    # length 0 (the official first length): the needle alone before the question
+    ids, _ = build_prompt(tok, haystack, NEEDLES["r"][0], 0, 50)
+    assert tok.decode(ids[1:]).startswith(" " + NEEDLES["r"][0].text)
+
+
+def test_official_lengths_depths_and_success_tests():
+    from kvbench.headscores import NEEDLES, official_depths, official_lengths, succeeded
+
+    assert official_lengths(0, 10000, 5, None) == [0, 2500, 5000, 7500, 10000]
+    assert official_lengths(0, 10000, 5, 4096) == [0, 2500, 4096]  # capped at the model's length
+    assert official_depths(10) == [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+    needle = NEEDLES["r"][2]  # span: "a spoonful of smoked paprika and a squeeze of lemon" (10 words)
+    # R: ROUGE-1 recall of the span (stemmed) > 50, not a substring test
+    assert succeeded("r", "Smoked paprika, a spoonful, and lemons squeezed", needle)
+    assert not succeeded("r", "A spoonful of lemon", needle)  # 4 of 10 words
+    # R2: QA-F1 against the answer > 50
+    r2 = NEEDLES["r2"][0]
+    assert succeeded("r2", "Lena's hobby is building model ships from driftwood", r2)
+    assert not succeeded("r2", "Tomas's hobby is growing giant pumpkins", r2)
+
+
+def test_generation_stops_as_the_official_scripts(tiny_gqa, monkeypatch):
+    from kvbench import headscores
+    from kvbench.attention import attention_function
+
+    model, tok = tiny_gqa
+    newline = tok.encode("\n", add_special_tokens=False)[-1]
+    ids = tok("Some words. Based on the content of the book, Question: x\nAnswer:").input_ids
+    script = iter([])
+
+    class Forced(torch.nn.Module):  # the model's attention, with the next tokens forced through the logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits[0, -1] = -1e9
+            out.logits[0, -1, next(script)] = 0.0
+            return out
+
+    forced = Forced(model)
+    with attention_function(model, headscores.PROBE, headscores.probe_attention):
+        for variant, tokens, answer_tokens, expected in [
+            ("r", [70, 71, tok.eos_token_id, 72, newline, 73], 99, 5),  # R: past EOS, stops at the newline
+            ("r2", [70, tok.eos_token_id, 72], 99, 2),  # R2: stops at EOS
+            ("r2", [70, 71, 72, 73], 3, 3),  # R2: stops at the answer's token count
+            ("r", [70] * 60, 3, 50),  # at most max_new_tokens
+        ]:
+            script = iter(tokens)
+            text, score = headscores.needle_run(forced, tok, ids, (1, 3), variant, 50, answer_tokens)
+            assert len(tok(text, add_special_tokens=False).input_ids) <= expected
+            assert score.shape == (model.config.num_hidden_layers, model.config.num_attention_heads)
+            assert next(script, None) == (tokens[expected] if expected < len(tokens) else None), variant
 
 
 @pytest.mark.slow
@@ -416,7 +472,8 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
     for variant in ("r", "r2"):
         data = json.loads((out / f"tiny-random_{variant}.json").read_text())
         assert sorted(data) == sorted(f"{layer}-{h}" for layer in range(2) for h in range(4))
-        assert all(len(v) == 2 * 2 * 3 for v in data.values())  # 2 needles x 2 lengths x 3 depths, all counted
+        needles = 3 if variant == "r" else 2
+        assert all(len(v) == needles * 2 * 3 for v in data.values())  # needles x 2 lengths x 3 depths, all counted
         assert load_head_scores(out / f"tiny-random_{variant}.json").shape == (2, 4)
     assert sum(sum(v) for v in json.loads((out / "tiny-random_r2.json").read_text()).values()) > 0
     folder = run(tmp_path, "model=tiny-random", "method=headkv", "method.variant=r", "budget.tokens=48", "task.num_samples=1",
@@ -453,7 +510,7 @@ def test_estimation_in_process_counts_runs_and_restores_attention(tiny_gqa):
 
     model, tok = tiny_gqa
     before = model.config._attn_implementation
-    scores, summary = estimate_head_scores(model, tok, "r2", [400], [0.0, 1.0], max_new_tokens=2,
+    scores, summary = estimate_head_scores(model, tok, "r2", [400], [0, 100], max_new_tokens=2,
                                            only_successful=False)
     assert model.config._attn_implementation == before
     assert summary == {"variant": "r2", "runs": 4, "successful": 0, "counted": 4}  # 2 needles x 2 depths

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kvbench.cache import Budget
 
 STAGES = ("prefill", "decode")
+GQA_LAYOUTS = ("kv", "expand")
 POSITIONS = ("original", "shifted")
 
 
@@ -39,6 +40,7 @@ class Method:
     stage: str = "prefill"  # prefill: compress once after the prompt; decode: also hold the budget every step
     positions: str = "original"  # original RoPE positions, or shifted: positions inside the cache
     sinks: int = 0  # the first `sinks` positions are always kept
+    gqa: str = "kv"  # kv: one kept set per KV head | expand: per query head (SnapKV family, as the reference codes)
 
     name: ClassVar[str] = "base"
     compresses: ClassVar[bool] = True
@@ -46,6 +48,8 @@ class Method:
     per_head: ClassVar[bool] = False
     # per-token tensors the cache keeps for this method, moved with their tokens
     slot_state: ClassVar[tuple[str, ...]] = ()
+    # supports `gqa: expand` (a method that does not compress accepts it and stores its full cache)
+    expands: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -54,6 +58,13 @@ class Method:
             raise KVBenchError(f"method.positions={self.positions} is not one of: {', '.join(POSITIONS)}")
         if self.sinks < 0:
             raise KVBenchError(f"method.sinks={self.sinks} must be >= 0")
+        if self.gqa not in GQA_LAYOUTS:
+            raise KVBenchError(f"method.gqa={self.gqa} is not one of: {', '.join(GQA_LAYOUTS)}")
+        if self.gqa == "expand" and self.compresses and not self.expands:
+            raise KVBenchError(
+                f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
+                "KV head: use method.gqa=kv"
+            )
 
     @property
     def label(self) -> str:

@@ -7,14 +7,33 @@ Importance is the attention score times the norm of the token's value vector:
 
 - `base: h2o` (default): s_j is H2O's accumulated attention (prompt column
   sums, then each decode row added); even heavy/recent split.
-- `base: scissorhands` (as the VATP code runs it): the prompt score is the mean
-  attention of the last `window` (400) prompt queries; recent window
-  `recent_window` (10); for a ratio budget r of the prompt length L,
-  heavy = 2·⌊(r/2)·L⌋ − 10; decode rows are added on top.
+- `base: scissorhands` (as the VATP code runs it): the prompt score is the summed
+  attention of the last `window` (400) prompt queries divided by `window`, also
+  when the prompt has fewer than `window` queries (VATP's code,
+  utils_hh/modify_llama.py, `LlamaAttention_heavy_hitter.forward`, divides the
+  window's sum by the constant 400); recent window `recent_window` (10); for a
+  ratio budget r of the prompt length L, heavy = 2·⌊(r/2)·L⌋ − 10; decode rows
+  are added on top.
 - the first `sinks` (20) tokens are always kept: they are flagged as protected
   (sink tokens have tiny value norms, which is the paper's point), never given
   a huge score. They count inside the budget.
 - The paper's 50% budget is `budget=ratio budget.ratio=0.5` (heavy 25% + recent 25%).
+
+Remaining differences from VATP's code (which masks a full cache instead of
+evicting, one decision per decode step):
+- order within a step: the reference chooses the tokens the *next* query may
+  see before that query arrives, so each query attends to C tokens counting
+  itself (heavy + 9 older recent tokens + itself); kvbench appends the new
+  token, attends to C + 1 tokens and then evicts back to C. The recent window
+  protects the 10 newest tokens in both.
+- the token that leaves the reference's recent window is masked for one step
+  but keeps its score and may be chosen again the step after; kvbench ranks it
+  with the other candidates at once (a real cache cannot hold a masked token
+  for free).
+- the reference scores in the model dtype (fp16: `softmax(..., float32)` cast
+  back to fp16, summed in fp16); kvbench accumulates scores in float32.
+- ties: the reference takes `topk` order (unspecified among equals); kvbench
+  keeps the newer token at the prompt cut.
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ class VATP(H2O):
     sinks: int = 20
     base: str = "h2o"
     norm: str = "l1"
-    window: int = 400  # scissorhands: prompt queries whose mean attention scores the prompt
+    window: int = 400  # scissorhands: the last `window` prompt queries score the prompt (their sum / window)
     recent_window: int = 10  # scissorhands: the recent window
 
     name: ClassVar[str] = "vatp"
@@ -82,7 +101,12 @@ class VATP(H2O):
         return layer.view("score") * layer.view("vnorm")
 
     def prefill_scores(self, layer, stats):
-        layer.view("score")[:] = stats.window if self.base == "scissorhands" else stats.colsum
+        if self.base == "scissorhands":
+            # stats.window is the mean over min(window, L) queries; the reference divides the sum by `window`
+            seen = min(self.window, stats.n_queries)
+            layer.view("score")[:] = stats.window * (seen / self.window)
+        else:
+            layer.view("score")[:] = stats.colsum
         self.store_value_norms(layer, 0)
         return self.importance(layer)
 

@@ -37,6 +37,7 @@ from typing import ClassVar
 
 from kvbench import KVBenchError
 from kvbench.models import wrap_chat
+from kvbench.tasks.longbench_rows import check_rows, read_jsonl
 from kvbench.tasks.metrics import best_over_answers, first_line, length_bucket, task_score
 
 SPEC = json.loads((Path(__file__).parent / "data" / "longbench.json").read_text())
@@ -144,14 +145,20 @@ class LongBench:
 
     def _load_local(self, stem: str) -> list[dict] | None:
         folder = Path(self.data_dir)
-        if (folder / f"{stem}.jsonl").exists():
-            with open(folder / f"{stem}.jsonl", encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if (folder / f"{stem}.parquet").exists():
+        path = folder / f"{stem}.jsonl"
+        if path.exists():
+            return self._checked(stem, str(path), read_jsonl(path))
+        path = folder / f"{stem}.parquet"
+        if path.exists():
             import pandas as pd
 
-            return pd.read_parquet(folder / f"{stem}.parquet").to_dict("records")
+            rows = pd.read_parquet(path).to_dict("records")
+            return self._checked(stem, f"{path} row", list(enumerate(rows, start=1)))
         return None
+
+    def _checked(self, stem: str, source: str, rows: list[tuple[int, dict]]) -> list[dict]:
+        task = next(t for t, s in self.files if s == stem)
+        return check_rows(rows, source, e_file=stem.endswith("_e"), classification=METRIC[task] == "classification")
 
     def load(self, stem: str) -> list[dict]:
         """A local file, else the parquet mirror, else the official data.zip (then the local file again)."""
@@ -160,9 +167,10 @@ class LongBench:
             from datasets import load_dataset
 
             try:
-                return list(load_dataset(self.parquet_repo, stem, split="test"))
+                rows = list(load_dataset(self.parquet_repo, stem, split="test"))
             except Exception as err:  # noqa: BLE001
                 raise KVBenchError(f"could not load {stem} from task.parquet_repo={self.parquet_repo}: {err}") from err
+            return self._checked(stem, f"{self.parquet_repo}/{stem} row", list(enumerate(rows, start=1)))
         if rows is None and self._download():
             rows = self._load_local(stem)
         if rows is None:
