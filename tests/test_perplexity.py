@@ -131,19 +131,20 @@ def test_end_to_end_batched_run_and_table(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         folder = execute(compose("config", overrides=[*overrides, "method=weightedkv", "budget.tokens=32"]))
         full = execute(compose("config", overrides=[*overrides, "method=full"]))
-    assert folder.parts[-3:] == ("ppl_pg19", "weightedkv", "tokens32")
+    # your own text under task=ppl_pg19 is filed under its own name (books), never as pg19
+    assert folder.parts[-3:-1] == ("ppl_books", "weightedkv") and folder.name.startswith("tokens32-")
     scores = json.loads((folder / "scores.json").read_text())
     records = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["batch"] == 2 and len(r["nll"]) == 95 for r in records)
     pooled = math.exp(sum(r["nll_sum"] for r in records) / sum(r["n_tokens"] for r in records))
-    assert scores["scores"]["ppl_pg19"] == pytest.approx(pooled, rel=1e-4)
+    assert scores["scores"]["ppl_books"] == pytest.approx(pooled, rel=1e-4)
     assert set(scores["per_document_ppl"]) == {r["id"] for r in records}
     curve = scores["nll_by_position"]  # the pooled PPL is exp of the count-weighted mean of the buckets
     mean = sum(m * c for m, c in zip(curve["mean_nll"], curve["count"])) / sum(curve["count"])
     assert sum(curve["count"]) == 4 * 95 and math.exp(mean) == pytest.approx(pooled, rel=1e-3)
     table, _ = build_table(tmp_path, "ppl")
-    assert list(table.columns) == ["ppl_pg19", "Avg"] and len(table) == 2
-    assert full.parts[-1] == "full"
+    assert list(table.columns) == ["ppl_books", "Avg"] and len(table) == 2
+    assert full.name.startswith("full-")
 
 
 def test_synthetic_source_is_seeded_grammar_text(tiny_gqa):
