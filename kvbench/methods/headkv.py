@@ -38,6 +38,7 @@ is compressed there (heads capped below B drop tokens) and left alone here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -47,6 +48,13 @@ from kvbench.headscores import load_head_scores
 from kvbench.methods.headwise import HeadwiseSnapKV, ModelShape
 
 VARIANTS = ("r", "r2")
+SHIPPED_SCORES = Path(__file__).resolve().parent.parent / "assets" / "head_scores"  # <model>_<variant>.json
+
+
+def find_head_scores(path: str) -> str:
+    """`path`, or when no such file exists, the shipped file of the same name (SmolLM2's scores)."""
+    shipped = SHIPPED_SCORES / Path(path).name
+    return str(shipped) if not Path(path).exists() and shipped.exists() else path
 
 
 def headkv_caps(importance: torch.Tensor, heads: int, per_head: int, beta: float,
@@ -92,6 +100,7 @@ class HeadKV(HeadwiseSnapKV):
             raise KVBenchError(f"method.beta={self.beta} must be >= 1")
         if self.temperature <= 0:
             raise KVBenchError(f"method.temperature={self.temperature} must be > 0")
+        self.head_scores = find_head_scores(self.head_scores)
         self._importance = load_head_scores(self.head_scores)
 
     @property

@@ -139,6 +139,9 @@ def fill_sentences(rng: random.Random, tokenizer, room: int) -> list[str]:
         used += cost
 
 
+FILLERS = ("grammar", "prose")
+
+
 def first_number(text: str) -> str | None:
     match = re.search(r"\d+", text)
     return match.group(0) if match else None
@@ -153,6 +156,7 @@ class Passkey:
     digits: int = 5
     distinct_digits: bool = True  # no digit repeats within a key
     max_new_tokens: int = 8
+    filler: str = "grammar"  # grammar: the seeded filler grammar | prose: real English text (tasks/prose.py)
     seed: int = 0
 
     name: ClassVar[str] = "passkey"
@@ -164,6 +168,21 @@ class Passkey:
             raise KVBenchError(f"task.digits={self.digits}: distinct digits allow at most 10; set task.distinct_digits=false")
         if not 0.0 <= self.depth_min <= self.depth_max <= 1.0:
             raise KVBenchError("task.depth_min and task.depth_max must satisfy 0 <= min <= max <= 1")
+        if self.filler not in FILLERS:
+            raise KVBenchError(f"task.filler={self.filler} is not one of: {', '.join(FILLERS)}")
+
+    @property
+    def label(self) -> str:
+        """The run folder and score column: the task name, with `_prose` for the real-text haystack."""
+        return self.name if self.filler == "grammar" else f"{self.name}_{self.filler}"
+
+    def fill(self, rng: random.Random, tokenizer, room: int) -> list[str]:
+        """Haystack pieces that fit in `room` tokens; the needle goes between two of them."""
+        if self.filler == "prose":
+            from kvbench.tasks.prose import prose_pieces
+
+            return prose_pieces(rng, tokenizer, room)
+        return fill_sentences(rng, tokenizer, room)
 
     def make_sample(self, index: int, tokenizer) -> dict:
         rng = random.Random(f"passkey/{self.seed}/{index}")
@@ -174,7 +193,7 @@ class Passkey:
         fixed = len(tokenizer(INTRO + needle + QUESTION).input_ids)
         if fixed > self.context_tokens:
             raise KVBenchError(f"task.context_tokens={self.context_tokens} is shorter than the passkey prompt ({fixed})")
-        sentences = fill_sentences(rng, tokenizer, self.context_tokens - fixed)
+        sentences = self.fill(rng, tokenizer, self.context_tokens - fixed)
         cut = round(depth * len(sentences))
         prompt = INTRO + "".join(sentences[:cut]) + needle + "".join(sentences[cut:]) + QUESTION
         return {"id": f"passkey-{index}", "prompt": prompt, "answer": key, "depth": round(depth, 4)}
@@ -187,7 +206,7 @@ class Passkey:
         correct = first_number(text) == sample["answer"]
         return {
             "id": sample["id"],
-            "task": self.name,
+            "task": self.label,
             "prediction": text,
             "answers": [sample["answer"]],
             "depth": sample["depth"],
@@ -196,7 +215,7 @@ class Passkey:
         }
 
     def score(self, records: list[dict]) -> dict[str, float]:
-        return {self.name: task_score([r["score"] for r in records])}
+        return {self.label: task_score([r["score"] for r in records])}
 
 
 @dataclass
@@ -217,7 +236,7 @@ class MultiKey(Passkey):
         fixed = len(tokenizer(MULTI_INTRO + "".join(needles) + question).input_ids)
         if fixed > self.context_tokens:
             raise KVBenchError(f"task.context_tokens={self.context_tokens} is shorter than the prompt ({fixed})")
-        sentences = fill_sentences(rng, tokenizer, self.context_tokens - fixed)
+        sentences = self.fill(rng, tokenizer, self.context_tokens - fixed)
         cuts = sorted(rng.randint(round(self.depth_min * len(sentences)), round(self.depth_max * len(sentences)))
                       for _ in needles)
         body, last = [], 0

