@@ -158,10 +158,10 @@ def test_cli_multirun_budget_sweep(tmp_path):
 @pytest.mark.slow
 def test_cli_demo_experiment(tmp_path):
     # the demo experiment, its sweep narrowed to three methods on one task to keep the suite short
-    out = cli(tmp_path, "-m", "experiment=demo_tiny", "task.num_samples=3", "task.context_tokens=400",
+    out = cli(tmp_path, "-m", "experiment=demo", "task.num_samples=3", "task.context_tokens=400",
               "task=passkey", "method=full,streamingllm,h2o")
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = (tmp_path / "results" / "tables" / "demo_tiny.md").read_text().splitlines()
+    lines = (tmp_path / "results" / "tables" / "demo.md").read_text().splitlines()
     assert [cell.strip() for cell in lines[0].split("|")[1:-1]] == ["model", "method", "budget", "passkey", "Avg"]
     assert [line.split("|")[2].strip() for line in lines[2:]] == ["full", "h2o", "h2o", "streamingllm", "streamingllm"]
     runs = wandb_runs(tmp_path)
