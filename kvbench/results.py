@@ -82,13 +82,34 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The complete JSON lines of a predictions file; `repair` cuts a trailing partial line off it."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line)
+    if repair and good != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return records
+
+
 class RunFolder:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, predictions_name: str = "predictions.jsonl"):
         self.path = Path(path)
+        self.predictions_name = predictions_name  # a shard's own file (kvbench.shards)
 
     @property
     def predictions_path(self) -> Path:
-        return self.path / "predictions.jsonl"
+        return self.path / self.predictions_name
 
     def open(self, resolved_cfg: dict) -> None:
         """Create the folder, or check that the run already in it has the same settings."""
@@ -120,22 +141,7 @@ class RunFolder:
 
     def records(self) -> list[dict]:
         """Records on disk; a trailing partial line (killed mid-write) is cut off the file."""
-        if not self.predictions_path.exists():
-            return []
-        raw = self.predictions_path.read_bytes()
-        records, good = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good += len(line)
-        if good != len(raw):
-            with open(self.predictions_path, "r+b") as f:
-                f.truncate(good)
-        return records
+        return read_records(self.predictions_path, repair=True)
 
     def append(self, record: dict) -> None:
         with open(self.predictions_path, "a") as f:

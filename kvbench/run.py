@@ -12,6 +12,7 @@ errors for mistakes a user can fix.
 from __future__ import annotations
 
 import logging
+import platform
 import random
 import re
 import sys
@@ -30,6 +31,8 @@ from tqdm import tqdm
 from kvbench import KVBenchError, methods, models, tasks
 from kvbench.cache import Budget
 from kvbench.generation import Generator
+from kvbench.lock import RunLock, check_free
+from kvbench.merge import finish_shard, shard_done, summarize
 from kvbench.results import (
     RunFolder,
     device_info,
@@ -37,9 +40,11 @@ from kvbench.results import (
     kv_meta,
     package_versions,
     peak_memory,
+    read_records,
     run_path,
     timing_meta,
 )
+from kvbench.shards import Shard
 from kvbench.tracking import Tracker
 
 log = logging.getLogger("kvbench")
@@ -88,22 +93,31 @@ def _group(cfg: dict) -> str | None:
     return f"sweep-{listing.parent.parent.name}-{listing.parent.name}" if listing else None
 
 
-def execute(cfg: DictConfig | dict) -> Path:
-    """Run one config to completion (resuming what is on disk); return the run folder."""
-    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+def plan(resolved: dict):
+    """What a resolved config runs, without loading anything: (method, budget, task, labels, run folder path)."""
     method = methods.build(resolved["method"])
     budget = Budget.from_config(resolved.get("budget") or {}) if method.compresses else None
     if budget is not None and budget.tokens is None and budget.ratio is None:
         raise KVBenchError(f"method '{method.name}' needs a budget: budget.tokens=N, or budget=ratio budget.ratio=R")
     task = tasks.build(resolved["task"])
-    limit = resolved["task"].get("limit")
     labels = run_labels(resolved, task, method, budget)
-    folder = RunFolder(run_path(resolved["paths"]["results"], **labels))
-    name = "/".join(labels.values())
-    if folder.finished(resolved):  # a rerun of a sweep skips its finished runs without loading the model
+    return method, budget, task, labels, run_path(resolved["paths"]["results"], **labels)
+
+
+def execute(cfg: DictConfig | dict) -> Path:
+    """Run one config to completion (resuming what is on disk); return the run folder."""
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    method, budget, task, labels, path = plan(resolved)
+    limit = resolved["task"].get("limit")
+    shard = Shard.from_config(resolved)
+    folder = RunFolder(path, shard.predictions_name)
+    name = "/".join(labels.values()) + shard.label
+    if folder.finished(resolved) or (shard.sharded and shard_done(folder, shard, resolved)):
+        # a rerun of a sweep skips its finished runs (and shards) without loading the model
         log.info("%s: finished already, skipping -> %s", name, folder.path)
         _list_in_sweep(folder.path)
         return folder.path
+    check_free(folder.path / shard.lock_name)  # another process on this run (shard): fail before loading the model
 
     seed = int(resolved.get("seed", 0))
     random.seed(seed)
@@ -113,9 +127,13 @@ def execute(cfg: DictConfig | dict) -> Path:
     samples = task.samples(tokenizer)
     if limit is not None:
         samples = samples[: int(limit)]
+    samples = shard.select(samples)
 
-    folder.open(resolved)  # checked and created only once everything above is valid
-    done = {r["id"]: r for r in folder.records()}
+    folder.path.mkdir(parents=True, exist_ok=True)  # only once everything above is valid
+    lock = RunLock(folder.path / shard.lock_name, samples=len(samples)).acquire()  # one writer per predictions file
+    folder.open(resolved)
+    done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
+    done.update({r["id"]: r for r in folder.records()})
     todo = [s for s in samples if s["id"] not in done]
     resumed = len(samples) - len(todo)
     if resumed:
@@ -154,14 +172,6 @@ def execute(cfg: DictConfig | dict) -> Path:
         wall = time.perf_counter() - t0
 
         records = [done[s["id"]] for s in samples]
-        subtask_scores = task.score(records)
-        scores = {
-            **labels,
-            "scores": subtask_scores,
-            "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
-            "n": len(records),
-            **(task.score_details(records) if hasattr(task, "score_details") else {}),
-        }
         meta = {
             **labels,
             "git": git_commit(),
@@ -178,13 +188,21 @@ def execute(cfg: DictConfig | dict) -> Path:
             "kv": kv_meta(records),
             "command": _command_line(),
         }
-        folder.write_scores(scores)
-        folder.write_meta(meta)
-        tracker.log_results(scores, meta, records)
+        if shard.sharded:  # this shard's meta; the last shard to finish merges them all
+            meta["host"] = platform.node()
+            merged = finish_shard(folder, shard, resolved, meta, records)
+        else:
+            merged = summarize(task, labels, records), meta, records
+            folder.write_scores(merged[0])
+            folder.write_meta(meta)
+        if merged:
+            tracker.log_results(*merged)
     finally:
         tracker.finish()
+        lock.release()
     _list_in_sweep(folder.path)
-    log.info("%s: %s (n=%d) -> %s", name, subtask_scores, len(records), folder.path)
+    summary = merged[0]["scores"] if merged else "shard done, waiting for the other shards"
+    log.info("%s: %s (n=%d) -> %s", name, summary, len(records), folder.path)
     return folder.path
 
 
