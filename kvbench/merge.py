@@ -20,7 +20,14 @@ import yaml
 
 from kvbench import KVBenchError
 from kvbench.lock import RunLock
-from kvbench.results import RunFolder, atomic_write_json, atomic_write_text, kv_meta, read_records, timing_meta
+from kvbench.results import (
+    RunFolder,
+    atomic_write_json,
+    atomic_write_text,
+    kv_meta,
+    read_records,
+    timing_meta,
+)
 from kvbench.shards import Shard, interleave
 
 SHARD_META = re.compile(r"meta\.(\d+)-of-(\d+)\.json")

@@ -266,11 +266,25 @@ def check_overrides(overrides: list[str]) -> str | None:
     return None
 
 
+def first_job_of_sweep(argv: list[str]) -> list[str]:
+    """`-m ... --cfg job|hydra|all`, which Hydra refuses, as the arguments of the sweep's first job."""
+    from kvbench.sweeps import jobs
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    fixed, combos = jobs({}, overrides)
+    flags = [a for a in argv if a not in overrides and a not in ("-m", "--multirun")]
+    print(f"kvbench: a sweep of {len(combos)} job(s) on the command line (experiment sweeps aside); "
+          f"the config of the first: {' '.join(combos[0]) or '(no swept keys)'}", file=sys.stderr)
+    return flags + fixed + combos[0]
+
+
 def main() -> None:
     problem = check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     if problem:
         print(f"kvbench: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if {"-m", "--multirun"} & set(sys.argv) and {"--cfg", "-c"} & set(sys.argv):
+        sys.argv[1:] = first_job_of_sweep(sys.argv[1:])
     hydra_main()
 
 

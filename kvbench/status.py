@@ -12,7 +12,6 @@ written shows its holder (host, pid) from its lock file.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from kvbench.lock import holder, is_stale
 from kvbench.merge import shard_metas
 from kvbench.results import read_records
 from kvbench.shards import Shard
+from kvbench.sweeps import jobs
 
 
 def _expected_total(cfg: dict, scores: dict | None) -> int | None:
@@ -99,23 +99,16 @@ def run_folders(root: Path) -> list[Path]:
 def expected_runs(experiment: str, overrides: list[str]) -> dict[Path, dict]:
     """{run folder: resolved config} of experiment=<name>'s sweep (its sweeper params, overridden by `overrides`)."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from kvbench.run import CONFIG_DIR, plan
 
-    parser = OverridesParser.create()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         base = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
         params = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
-        # as in Hydra's sweeper: a command-line key replaces the experiment's, and a sweep joins the axes
-        swept = [o for o in overrides if o.split("=", 1)[0] in params or parser.parse_override(o).is_sweep_override()]
-        fixed = [o for o in overrides if o not in swept]
-        params.update(dict(o.split("=", 1) for o in swept))
-        axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-                else [o.input_line] for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()])]
+        fixed, combos = jobs(params, overrides)
         runs = {}
-        for combo in itertools.product(*axes):
+        for combo in combos:
             cfg = compose("config", overrides=[f"experiment={experiment}", *fixed, *combo])
             resolved = OmegaConf.to_container(cfg, resolve=True)
             runs.setdefault(plan(resolved)[-1], resolved)

@@ -13,6 +13,7 @@ import pytest
 from kvbench import KVBenchError
 from kvbench.lock import RunLock
 from kvbench.merge import main as merge_main
+from kvbench.results import read_records
 from kvbench.run import execute
 from kvbench.shards import Shard, interleave
 from tests.test_run import config, read_jsonl
@@ -127,7 +128,7 @@ def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, mo
 
 @pytest.mark.slow
 def test_shard_killed_mid_way_resumes(tmp_path):
-    args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=16",
+    args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=10",
             "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     job = subprocess.Popen([sys.executable, "-m", "kvbench.run", *args], cwd=tmp_path, env=env,
@@ -136,20 +137,20 @@ def test_shard_killed_mid_way_resumes(tmp_path):
     shard_file = folder / "predictions.0-of-2.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and job.poll() is None:
-        if shard_file.exists() and len(shard_file.read_text().splitlines()) >= 2:
+        if shard_file.exists() and shard_file.read_text().count("\n") >= 1:
             break
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)  # preempted without warning: no clean-up at all
     job.wait()
-    written = len(read_jsonl(shard_file))
-    assert 2 <= written < 8, "the shard finished before it could be killed"
+    written = len(read_records(shard_file))  # (a line cut by the kill does not count)
+    assert 1 <= written < 5, "the shard finished before it could be killed"
     assert json.loads((folder / ".lock.0-of-2").read_text())["pid"] == job.pid  # left behind
 
     for i in (0, 1):  # the restarted shard takes the stale lock over and resumes; shard 1 merges
-        execute(config(tmp_path, *ARGS, "task.num_samples=16", "run.num_shards=2", f"run.shard={i}"))
+        execute(config(tmp_path, *ARGS, "task.num_samples=10", "run.num_shards=2", f"run.shard={i}"))
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["shards"][0]["samples_this_session"] == 8 - written
-    reference = execute(config(tmp_path / "one", *ARGS, "task.num_samples=16"))
+    assert meta["shards"][0]["samples_this_session"] == 5 - written
+    reference = execute(config(tmp_path / "one", *ARGS, "task.num_samples=10"))
     assert strip(read_jsonl(folder / "predictions.jsonl")) == strip(read_jsonl(reference / "predictions.jsonl"))
     assert (folder / "scores.json").read_bytes() == (reference / "scores.json").read_bytes()
     assert not list(folder.glob(".lock*"))
