@@ -154,3 +154,29 @@ def test_shard_killed_mid_way_resumes(tmp_path):
     assert strip(read_jsonl(folder / "predictions.jsonl")) == strip(read_jsonl(reference / "predictions.jsonl"))
     assert (folder / "scores.json").read_bytes() == (reference / "scores.json").read_bytes()
     assert not list(folder.glob(".lock*"))
+
+
+def test_preempted_shard_releases_its_lock_and_its_requeued_job_resumes(tmp_path, monkeypatch):
+    # submitit's handler for the preemption signal checkpoints (Hydra's launcher resubmits the same
+    # job), requeues, then raises SystemExit inside the sample loop: the lock must go, the samples stay
+    launcher = pytest.importorskip("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+    assert callable(getattr(launcher.SlurmLauncher, "checkpoint", None))
+    from kvbench.tasks.synthetic import Passkey
+
+    original, calls = Passkey.evaluate, {"n": 0}
+
+    def preempted_after_two(self, sample, generator):
+        if calls["n"] == 2:
+            raise SystemExit(-1)
+        calls["n"] += 1
+        return original(self, sample, generator)
+
+    args = [*ARGS, "run.num_shards=2", "run.shard=0"]
+    monkeypatch.setattr(Passkey, "evaluate", preempted_after_two)
+    with pytest.raises(SystemExit):
+        execute(config(tmp_path, *args))
+    folder = tmp_path / "runs" / "tiny" / "passkey" / "h2o" / "tokens64"
+    assert len(read_jsonl(folder / "predictions.0-of-2.jsonl")) == 2 and not list(folder.glob(".lock*"))
+    monkeypatch.setattr(Passkey, "evaluate", original)
+    execute(config(tmp_path, *args))  # the requeued job
+    assert json.loads((folder / "meta.0-of-2.json").read_text())["samples_this_session"] == 1
