@@ -61,11 +61,17 @@ def shard_metas(path: Path) -> dict[int, dict[int, dict]]:
 
 
 def shard_done(folder: RunFolder, shard: Shard, resolved: dict) -> bool:
-    """True when this shard of exactly these settings and sample count has finished (its meta is on disk)."""
+    """True when this shard of exactly these settings and sample count has finished (its meta is on disk).
+
+    Then the run is merged if every shard is done and that did not happen (the last job died first).
+    """
     meta_path = folder.path / shard.meta_name
     if not meta_path.exists() or not (folder.path / "config.yaml").exists() or folder._changes(resolved):
         return False
-    return json.loads(meta_path.read_text()).get("counts") == _counts(resolved)
+    if json.loads(meta_path.read_text()).get("counts") != _counts(resolved):
+        return False
+    merge(folder.path, shard.count, quiet=True)
+    return True
 
 
 def finish_shard(folder: RunFolder, shard: Shard, resolved: dict, meta: dict, records: list[dict]):

@@ -78,6 +78,16 @@ def test_merge_command_names_missing_shards_then_merges_after_a_job_died(tmp_pat
     assert not list(first.glob("*-of-2*"))
 
 
+def test_rerun_of_a_finished_shard_does_the_merge_its_last_job_missed(tmp_path, monkeypatch):
+    monkeypatch.setattr("kvbench.merge.merge", lambda *args, **kwargs: None)
+    for i in range(2):
+        folder = execute(config(tmp_path, *ARGS, "run.num_shards=2", f"run.shard={i}"))
+    monkeypatch.undo()
+    monkeypatch.setattr("kvbench.models.load", lambda cfg: pytest.fail("a finished shard must not load the model"))
+    execute(config(tmp_path, *ARGS, "run.num_shards=2", "run.shard=0"))  # e.g. the sweep submitted again
+    assert json.loads((folder / "scores.json").read_text())["n"] == 5
+
+
 # ----------------------------------------------------------------------------- locks (real processes)
 
 HOLD = "import sys, time; from kvbench.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
