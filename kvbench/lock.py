@@ -90,9 +90,8 @@ def check_free(path: Path) -> None:
 class RunLock:
     """`with RunLock(folder / ".lock"):` holds the lock for the block (the folder must exist)."""
 
-    def __init__(self, path: Path, **note):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.note = note  # shown by kvbench.status (the holder's sample count)
         self.held = False
 
     def acquire(self) -> RunLock:
@@ -105,7 +104,7 @@ class RunLock:
                 self._remove_stale(stale)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({**_me(), **self.note}) + "\n")
+                f.write(json.dumps(_me()) + "\n")
             self.held = True
             return self
         check_free(self.path)

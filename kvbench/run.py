@@ -130,8 +130,12 @@ def execute(cfg: DictConfig | dict) -> Path:
     samples = shard.select(samples)
 
     folder.path.mkdir(parents=True, exist_ok=True)  # only once everything above is valid
-    lock = RunLock(folder.path / shard.lock_name, samples=len(samples)).acquire()  # one writer per predictions file
-    folder.open(resolved)
+    lock = RunLock(folder.path / shard.lock_name).acquire()  # one writer per predictions file; released below
+    try:
+        folder.open(resolved)
+    except BaseException:
+        lock.release()
+        raise
     done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
     done.update({r["id"]: r for r in folder.records()})
     todo = [s for s in samples if s["id"] not in done]

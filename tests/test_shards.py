@@ -190,3 +190,10 @@ def test_preempted_shard_releases_its_lock_and_its_requeued_job_resumes(tmp_path
     monkeypatch.setattr(Passkey, "evaluate", original)
     execute(config(tmp_path, *args))  # the requeued job
     assert json.loads((folder / "meta.0-of-2.json").read_text())["samples_this_session"] == 1
+
+
+def test_a_run_refused_for_other_settings_leaves_no_lock(tmp_path):
+    folder = execute(config(tmp_path, *ARGS, "task.num_samples=1"))
+    with pytest.raises(KVBenchError, match="run.tag"):
+        execute(config(tmp_path, *ARGS, "task.num_samples=1", "task.context_tokens=320"))
+    assert not list(folder.glob(".lock*"))
