@@ -64,12 +64,11 @@ def is_stale(info: dict) -> bool:
     me = _me()
     if info.get("unreadable"):
         return info.get("age", 0) > 60
-    if info.get("slurm_job") and info.get("slurm_job") == me["slurm_job"]:
-        return True  # left by an earlier run of this job (requeued after preemption or a timeout)
-    if info.get("host") != me["host"]:
-        return False
-    pid = int(info.get("pid", -1))
-    return pid == me["pid"] or not _alive(pid)  # its own pid: left by an earlier run in this process
+    if info.get("host") == me["host"]:
+        pid = int(info.get("pid", -1))
+        return pid == me["pid"] or not _alive(pid)  # its own pid: left by an earlier run in this process
+    # on another node: stale only when left by an earlier run of this job (requeued after preemption)
+    return bool(info.get("slurm_job")) and info.get("slurm_job") == me["slurm_job"]
 
 
 def describe(info: dict) -> str:
