@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvbench-installed
-EXTRAS ?= dev,plots,real
+EXTRAS ?= dev,plots,real,cluster
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
@@ -24,7 +24,7 @@ EXP     ?=
 SCALE   ?= full
 ARGS    ?=
 
-.PHONY: install test models demo demo-real sweep table reproduce-table plots lint clean
+.PHONY: install test models demo demo-real sweep sharded status table reproduce-table plots lint clean
 
 install: $(STAMP)
 
@@ -56,6 +56,15 @@ demo-real: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m kvbench.run -m model=$(MODEL) task=$(TASK) method=$(METHODS) budget.tokens=$(BUDGETS)
 
+# one run over every GPU of this box (one process per GPU, the shards merged at the end):
+# make sharded ARGS="method=snapkv budget.tokens=128"   [GPUS=0,1 or SHARDS=4 without GPUs]
+sharded: $(STAMP)
+	PYTHON=$(PY) scripts/launch_local.sh $(ARGS)
+
+# finished / partial / missing runs: make status [EXP=demo ARGS="paths.results=/shared/results"], or EXP=<results folder>
+status: $(STAMP)
+	$(PY) -m kvbench.status $(EXP) $(ARGS)
+
 table: $(STAMP)
 	$(PY) -m kvbench.tables
 
@@ -73,5 +82,5 @@ lint: $(STAMP)
 
 # Removes Hydra's logs and Python caches. Never touches results/ (your runs).
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun logs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

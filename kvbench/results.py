@@ -80,13 +80,40 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_records(path: Path, repair: bool = False) -> list[dict]:
+    """The records of a predictions file. A corrupt line is dropped alone (its sample runs again) and
+    every other record kept: a trailing partial line (killed mid-write) is silently cut, a corrupt line
+    elsewhere is counted in a warning. `repair` rewrites the file atomically without the dropped lines."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines(keepends=True)
+    records, good, bad = [], [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+            good.append(line)
+        elif line.strip() and not (number == len(lines) and not line.endswith(b"\n")):
+            bad.append(number)
+    if bad:
+        log.warning("%s: dropped %d corrupt line(s) (line %s); their samples run again",
+                    path, len(bad), ", ".join(map(str, bad[:10])))
+    if repair and len(good) != len(lines):
+        atomic_write_text(path, b"".join(good).decode())
+    return records
+
+
 class RunFolder:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, predictions_name: str = "predictions.jsonl"):
         self.path = Path(path)
+        self.predictions_name = predictions_name  # a shard's own file (kvbench.shards)
 
     @property
     def predictions_path(self) -> Path:
-        return self.path / "predictions.jsonl"
+        return self.path / self.predictions_name
 
     def open(self, resolved_cfg: dict) -> None:
         """Create the folder, or check that the run already in it has the same settings."""
@@ -117,30 +144,8 @@ class RunFolder:
         return _diff(hashed_settings(self._old_config()), hashed_settings(resolved_cfg))
 
     def records(self) -> list[dict]:
-        """Records on disk. A corrupt line is dropped (its sample runs again) and every other record kept:
-        a trailing partial line (killed mid-write) is cut off; a corrupt line elsewhere is counted in a
-        warning and the file is rewritten atomically without it."""
-        if not self.predictions_path.exists():
-            return []
-        raw = self.predictions_path.read_bytes()
-        records, good, bad = [], [], []
-        lines = raw.splitlines(keepends=True)
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line) if line.endswith(b"\n") else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                record = None
-            if isinstance(record, dict) and "id" in record:
-                records.append(record)
-                good.append(line)
-            elif line.strip() and not (number == len(lines) and not line.endswith(b"\n")):
-                bad.append(number)
-        if bad:
-            log.warning("%s: dropped %d corrupt line(s) (line %s); their samples run again",
-                        self.predictions_path, len(bad), ", ".join(map(str, bad[:10])))
-        if len(good) != len(lines):
-            atomic_write_text(self.predictions_path, b"".join(good).decode())
-        return records
+        """Records on disk (a corrupt line dropped and counted, the file repaired: `read_records`)."""
+        return read_records(self.predictions_path, repair=True)
 
     def append(self, record: dict) -> None:
         with open(self.predictions_path, "a", encoding="utf-8") as f:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
 import re
 import sys
@@ -33,6 +34,8 @@ from kvbench import KVBenchError, methods, models, preflight, tasks
 from kvbench.cache import Budget
 from kvbench.generation import Generator
 from kvbench.identity import hashed_settings, run_id
+from kvbench.lock import RunLock, check_free
+from kvbench.merge import finish_shard, shard_done, summarize
 from kvbench.resources import CONFIG_DIR
 from kvbench.results import (
     RunFolder,
@@ -41,10 +44,12 @@ from kvbench.results import (
     kv_meta,
     package_versions,
     peak_memory,
+    read_records,
     run_path,
     session_wall,
     timing_meta,
 )
+from kvbench.shards import Shard
 from kvbench.tracking import Tracker
 
 log = logging.getLogger("kvbench")
@@ -125,26 +130,35 @@ def _load_finished(folder: RunFolder) -> RunResult:
     return RunResult(folder.path, scores, meta, records)
 
 
-def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str | None = None) -> RunResult:
-    """Run one config to completion (resuming what is on disk) with its model, or with `model` and `tokenizer`;
-    `command` is what meta.json records as the command (default: this process's command line)."""
-    resolved = _resolve(cfg)
+def plan(resolved: dict):
+    """What a resolved config runs, without loading anything: (method, budget, task, labels, run folder path)."""
     method = methods.build(resolved["method"])
     budget = Budget.from_config(resolved.get("budget") or {}) if method.compresses else None
     if budget is not None and budget.tokens is None and budget.ratio is None:
         raise KVBenchError(f"method '{method.name}' needs a budget: budget.tokens=N, or budget=ratio budget.ratio=R")
     task = tasks.build(resolved["task"])
+    labels = run_labels(resolved, task, method, budget)
+    return method, budget, task, labels, run_path(resolved["paths"]["results"], **labels, run_id=run_id(resolved))
+
+
+def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str | None = None) -> RunResult:
+    """Run one config to completion (resuming what is on disk) with its model, or with `model` and `tokenizer`;
+    `command` is what meta.json records as the command (default: this process's command line)."""
+    resolved = _resolve(cfg)
+    method, budget, task, labels, path = plan(resolved)
     preflight.check_task_method(task, method)
     limit = resolved["task"].get("limit")
-    labels = run_labels(resolved, task, method, budget)
     identity = run_id(resolved)
-    folder = RunFolder(run_path(resolved["paths"]["results"], **labels, run_id=identity))
-    name = "/".join(labels.values())
-    if folder.finished(resolved):  # a rerun of a sweep skips its finished runs without loading the model
+    shard = Shard.from_config(resolved)
+    folder = RunFolder(path, shard.predictions_name)
+    name = "/".join(labels.values()) + shard.label
+    if folder.finished(resolved) or (shard.sharded and shard_done(folder, shard, resolved)):
+        # a rerun of a sweep skips its finished runs (and shards) without loading the model
         log.info("%s: finished already, skipping -> %s", name, folder.path)
         _list_in_sweep(folder.path)
-        return _load_finished(folder)
+        return _load_finished(folder) if (folder.path / "scores.json").exists() else RunResult(folder.path, {}, {}, [])
     preflight.check_writable(folder.path)
+    check_free(folder.path / shard.lock_name)  # another process on this run (shard): fail before loading the model
 
     session_start = time.perf_counter()
     seed = int(resolved.get("seed", 0))
@@ -154,11 +168,18 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
         model, tokenizer = models.load(resolved["model"])
     preflight.check_context(task, method, model)
     device = next(model.parameters()).device
-    samples = tasks.limit_samples(task, task.samples(tokenizer), limit)
+    samples = shard.select(tasks.limit_samples(task, task.samples(tokenizer), limit))
 
     stored = {**resolved, "run_id": identity, "run_settings": hashed_settings(resolved)}
-    folder.open(stored)  # checked and created only once everything above is valid
-    done = {r["id"]: r for r in folder.records()}
+    folder.path.mkdir(parents=True, exist_ok=True)  # only once everything above is valid
+    lock = RunLock(folder.path / shard.lock_name).acquire()  # one writer per predictions file; released below
+    try:
+        folder.open(stored)
+    except BaseException:
+        lock.release()
+        raise
+    done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
+    done.update({r["id"]: r for r in folder.records()})
     todo = [s for s in samples if s["id"] not in done]
     resumed = len(samples) - len(todo)
     if resumed:
@@ -200,16 +221,6 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
         progress.close()
 
         records = [done[s["id"]] for s in samples]
-        subtask_scores = task.score(records)
-        scores = {
-            **labels,
-            "run_id": identity,
-            "scores": subtask_scores,
-            "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
-            "n": len(records),
-            **(task.score_details(records) if hasattr(task, "score_details") else {}),
-            "settings": stored["run_settings"],
-        }
         meta = {
             **labels,
             "run_id": identity,
@@ -229,16 +240,25 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
             "command": command or _command_line(),
             "sample_ids": [s["id"] for s in samples],
         }
-        folder.write_scores(scores)
-        folder.write_meta(meta)
-        tracker.log_results(scores, meta, records)
+        if shard.sharded:  # this shard's meta; the last shard to finish merges them all
+            meta["host"] = platform.node()
+            merged = finish_shard(folder, shard, stored, meta, records)
+        else:
+            merged = summarize(task, labels, records, stored), meta, records
+            folder.write_scores(merged[0])
+            folder.write_meta(meta)
+        if merged:
+            tracker.log_results(*merged)
     except BaseException:
         tracker.finish(exit_code=1)  # W&B marks the run failed/crashed, not finished and empty
         raise
+    finally:
+        lock.release()
     tracker.finish()
     _list_in_sweep(folder.path)
-    log.info("%s: %s (n=%d) -> %s", name, subtask_scores, len(records), folder.path)
-    return RunResult(folder.path, scores, meta, records)
+    summary = merged[0]["scores"] if merged else "shard done, waiting for the other shards"
+    log.info("%s: %s (n=%d) -> %s", name, summary, len(records), folder.path)
+    return RunResult(folder.path, *merged) if merged else RunResult(folder.path, {}, meta, records)
 
 
 class SweepTableCallback(Callback):
@@ -301,11 +321,25 @@ def check_overrides(overrides: list[str]) -> str | None:
     return None
 
 
+def first_job_of_sweep(argv: list[str]) -> list[str]:
+    """`-m ... --cfg job|hydra|all`, which Hydra refuses, as the arguments of the sweep's first job."""
+    from kvbench.sweeps import jobs
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    fixed, combos = jobs({}, overrides)
+    flags = [a for a in argv if a not in overrides and a not in ("-m", "--multirun")]
+    print(f"kvbench: a sweep of {len(combos)} job(s) on the command line (experiment sweeps aside); "
+          f"the config of the first: {' '.join(combos[0]) or '(no swept keys)'}", file=sys.stderr)
+    return flags + fixed + combos[0]
+
+
 def main() -> None:
     problem = check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
     if problem:
         print(f"kvbench: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if {"-m", "--multirun"} & set(sys.argv) and {"--cfg", "-c"} & set(sys.argv):
+        sys.argv[1:] = first_job_of_sweep(sys.argv[1:])
     hydra_main()
 
 

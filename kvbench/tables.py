@@ -2,6 +2,7 @@
 
     python -m kvbench.tables                       # every run -> results/tables/all.{md,csv,tex}
     python -m kvbench.tables --name demo --model tiny --task passkey
+    python -m kvbench.tables --results results /mnt/node2/results   # runs made on several machines
 
 After a Hydra multirun, `kvbench.run.SweepTableCallback` writes
 `results/tables/<table_name>.*` from exactly the runs of that sweep.
@@ -110,15 +111,17 @@ def build_table(results_dir, name: str, folders=None, **filters) -> tuple[pd.Dat
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Build result tables from kvbench run folders.")
-    parser.add_argument("--results", default="results", help="results folder (holds runs/ and tables/)")
+    parser.add_argument("--results", nargs="+", default=["results"],
+                        help="results folder(s) holding runs/ (made on several machines); tables go to the first")
     parser.add_argument("--name", default="all", help="table file name under results/tables/")
     for column in ("model", "task", "method", "budget"):
         parser.add_argument(f"--{column}", action="append", help=f"keep only these {column}s (repeatable)")
     args = parser.parse_args(argv)
     filters = {c: getattr(args, c) for c in ("model", "task", "method", "budget")}
-    table, paths = build_table(args.results, args.name, **filters)
+    folders = [run for results in args.results for run in find_runs(results)]  # a run in several: the last wins
+    table, paths = build_table(args.results[0], args.name, folders=folders, **filters)
     if table.empty:
-        print(f"no finished runs under {Path(args.results) / 'runs'}", file=sys.stderr)
+        print(f"no finished runs under {', '.join(str(Path(r) / 'runs') for r in args.results)}", file=sys.stderr)
     else:
         print(table.reset_index().to_markdown(index=False, floatfmt=".2f"))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

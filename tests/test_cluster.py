@@ -1,0 +1,73 @@
+"""Scale-out: the submitit launchers (local executor; Slurm config only), tables over several results folders."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvbench.tables import main as tables_main
+from tests.test_tables import fake_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_command(marker: str) -> list[str]:
+    """The first `python -m kvbench.run ...` line of the README that contains `marker`, as arguments."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip().startswith("python -m kvbench.run") and marker in line:
+            return shlex.split(line.strip())[3:]
+    raise AssertionError(f"no README command with {marker}")
+
+
+def kvbench_run(cwd, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "kvbench.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_slurm_sweep_config_resolves_with_the_readme_command(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = readme_command("hydra/launcher=slurm")
+    assert "-m" in args and any(a.startswith("run.shard=") for a in args)
+    out = kvbench_run(tmp_path, *args, "--cfg", "all", "--resolve")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = yaml.safe_load(out.stdout)
+    launcher = cfg["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
+    assert launcher["gpus_per_node"] == 1 and launcher["max_num_timeout"] >= 1
+    assert launcher["submitit_folder"].endswith("/.submitit/%j") and "${" not in launcher["submitit_folder"]
+    assert cfg["run"]["num_shards"] == 4 and cfg["run"]["shard"] == 0
+    assert "a sweep of 4 job(s)" in out.stderr
+
+
+@pytest.mark.slow
+def test_local_launcher_sweep_writes_what_the_basic_launcher_writes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = ["-m", "logger=none", "task.context_tokens=300", "task.num_samples=2", "method=full,streamingllm",
+             "budget.tokens=32"]
+    tables = {}
+    for launcher in ("basic", "local"):
+        (tmp_path / launcher).mkdir()
+        out = kvbench_run(tmp_path / launcher, *sweep, f"hydra/launcher={launcher}",
+                          f"paths.results={tmp_path / launcher / 'results'}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs = tmp_path / launcher / "results" / "runs"
+        tables[launcher] = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("scores.json"))
+        tables[launcher].append((tmp_path / launcher / "results" / "tables" / "sweep.md").read_text())
+    assert tables["local"] == tables["basic"]
+    assert tables["local"][:2] == ["tiny/passkey/full/full", "tiny/passkey/streamingllm/tokens32"]
+    assert list((tmp_path / "local").glob("multirun/*/*/.submitit"))  # it did go through submitit
+
+
+def test_table_over_several_results_folders(tmp_path, capsys):
+    fake_run(tmp_path / "a", "tiny", "passkey", "full", "full", {"passkey": 100.0})
+    fake_run(tmp_path / "b", "tiny", "passkey", "h2o", "tokens64", {"passkey": 40.0}, 64)
+    assert tables_main(["--results", str(tmp_path / "a"), str(tmp_path / "b"), "--name", "both"]) == 0
+    table = (tmp_path / "a" / "tables" / "both.md").read_text()
+    assert re.search(r"\| tiny +\| full +\| full +\| +100\.00", table)
+    assert re.search(r"\| tiny +\| h2o +\| tokens64 +\| +40\.00", table)
