@@ -12,8 +12,8 @@ patched globally and no model class is touched. The function:
    compacts that layer right away.
 
 Statistics never hold an n x n matrix: column sums over all queries are taken in
-query blocks (O(block * n) memory), the window statistic uses the last w
-queries, the decode row is one query. Query heads of a GQA group are averaged
+query blocks (O(block * n) memory), the window statistic is the same sum over
+the last w queries (also in blocks), the decode row is one query. Query heads of a GQA group are averaged
 so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32.
 """
 
@@ -170,22 +170,27 @@ def _probs(query_g, key, scaling, q_first, kv_len) -> torch.Tensor:
     return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
-def attention_column_sums(query, key, scaling=None, block: int | None = None) -> torch.Tensor:
-    """s_j = sum_i A_ij over every query i (causal), averaged over the query heads of a KV group.
+def block_size(query, key) -> int:
+    """Queries per block: a block of float32 logits holds about half the bytes of the layer's K and V,
+    clamped to [MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS] elements."""
+    layer_kv_bytes = 2 * key.numel() * key.element_size()
+    elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))  # fp32: half the bytes
+    return max(1, elements // max(1, query.shape[0] * query.shape[1] * key.shape[2]))
+
+
+def attention_column_sums(query, key, scaling=None, block: int | None = None, first: int = 0) -> torch.Tensor:
+    """s_j = sum_i A_ij over the queries i >= `first` (causal), averaged over the query heads of a KV group.
 
     Computed in query blocks so memory is O(block * kv_len), never O(q_len * kv_len).
     """
     b, hq, q_len, d = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     scaling = d**-0.5 if scaling is None else scaling
-    if block is None:
-        layer_kv_bytes = 2 * key.numel() * key.element_size()
-        elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))  # fp32: half the bytes
-        block = max(1, elements // max(1, b * hq * kv_len))
+    block = block or block_size(query, key)
     query_g = _grouped(query, kv_heads)
     out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
     offset = kv_len - q_len
-    for start in range(0, q_len, block):
+    for start in range(first, q_len, block):
         stop = min(start + block, q_len)
         visible = offset + stop  # causal: this block sees no key past its last query
         probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], scaling, start + offset, visible)
@@ -193,16 +198,11 @@ def attention_column_sums(query, key, scaling=None, block: int | None = None) ->
     return out
 
 
-def attention_window(query, key, window: int, scaling=None) -> torch.Tensor:
-    """Mean attention of the last `window` queries on each key (group-averaged)."""
+def attention_window(query, key, window: int, scaling=None, block: int | None = None) -> torch.Tensor:
+    """Mean attention of the last `window` queries on each key (group-averaged), in query blocks."""
     q_len = query.shape[2]
     w = min(window, q_len)
-    d = query.shape[-1]
-    scaling = d**-0.5 if scaling is None else scaling
-    query_g = _grouped(query[:, :, q_len - w :], key.shape[1])
-    kv_len = key.shape[2]
-    probs = _probs(query_g, key, scaling, kv_len - w, kv_len)
-    return probs.mean(dim=3).mean(dim=2)
+    return attention_column_sums(query, key, scaling, block, first=q_len - w).div_(w)
 
 
 def attention_with_row(query, key, value, scaling=None):

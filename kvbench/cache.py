@@ -12,7 +12,7 @@ order; every rule is stated on positions.
   budget (sinks + recent window protected, top-k of the rest), so at most one
   layer holds its full KV at any time.
 - decode (`stage: decode`): the new token is written into a free slot; when the
-  cache is over budget, the lowest-ranked unprotected token is evicted and the
+  cache is over budget, the lowest-ranked unprotected token (the older among equals) is evicted and the
   last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring).
 - positions `original`: keys keep the RoPE position they were computed at and
   queries continue counting. `shifted`: new tokens are placed at the cache
@@ -146,8 +146,8 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
         if self.length + q > self.capacity:
-            extra = self.owner.reserve if not self.owner.method.compresses else 0
-            self._grow(key_states, self.length + q + extra)
+            needed = self.length + q
+            self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
         new = slice(self.length, self.length + q)
         self.keys[:, :, new] = key_states
         self.values[:, :, new] = value_states
@@ -278,11 +278,13 @@ def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor
 
 
 def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
-    """The slot (batch, heads) with the lowest score outside the protected tokens.
-
-    This runs every decode step in every layer, so it is two ops; exact ties (rare with continuous
-    scores) go to the lowest slot index."""
-    return scores.float().masked_fill(layer.protected(sinks, recent), float("inf")).argmin(dim=-1)
+    """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
+    older token goes (the newer wins, as at the prompt cut), whatever the slot order."""
+    ranked = scores if scores.dtype == torch.float32 else scores.float()
+    if sinks or recent:
+        ranked = ranked.masked_fill(layer.protected(sinks, recent), float("inf"))
+    ties = ranked.ne(ranked.amin(dim=-1, keepdim=True))
+    return layer.view("pos").masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
 class CompressedCache(Cache):
@@ -307,6 +309,21 @@ class CompressedCache(Cache):
         self.shifted = method.positions == "shifted"
         self.rotary = model.get_decoder().rotary_emb if self.shifted else None
         self.prompt_len: int | None = None
+
+    def first_capacity(self, n: int) -> int:
+        """Slots to allocate at a layer's first write of `n` tokens: room for what it will hold, so a
+        prompt that fits its budget is never copied into doubled buffers at the first decoded token."""
+        method = self.method
+        if not method.compresses:
+            return n + self.reserve
+        budget = method.allocate(self.budget_spec, n)[0] if self.phase == "prefill" else None
+        if budget is None:
+            return n + self.reserve
+        if n > budget:
+            return n  # compacted into fresh buffers right after its attention
+        if method.stage == "decode":  # never holds more than budget + 1
+            return min(n + self.reserve, budget + 1) if self.reserve else budget + 1
+        return n + self.reserve
 
     # -- driving
     def next_position_ids(self, q_len: int) -> torch.Tensor:
