@@ -198,6 +198,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def protected(self, sinks: int, recent: int) -> torch.Tensor:
         pos = self.view("pos")
+        if not sinks:
+            return pos >= self.seen - recent
+        if not recent:
+            return pos < sinks
         return (pos < sinks) | (pos >= self.seen - recent)
 
     def compact(self, keep: torch.Tensor, extra: int) -> None:
@@ -248,11 +252,12 @@ class CompressedLayer(CacheLayerMixin):
             victim_pos = self.view("pos").gather(2, victim[..., None])
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
-        index = victim[..., None, None].expand(-1, -1, 1, self.keys.shape[-1])
+        slot = victim.unsqueeze(-1)
+        index = slot.unsqueeze(-1).expand(-1, -1, 1, self.keys.shape[-1])
         for buf in (self.keys, self.values):  # (a victim in the last slot copies onto itself)
-            buf.scatter_(2, index, buf[:, :, last : last + 1])
+            buf.scatter_(2, index, buf.narrow(2, last, 1))
         for tensor in self.state.values():
-            tensor.scatter_(2, victim[..., None], tensor[:, :, last : last + 1])
+            tensor.scatter_(2, slot, tensor.narrow(2, last, 1))
         self.length -= 1
 
 
@@ -275,6 +280,13 @@ def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (ranks < budgets[..., None]).flip(-1)
+
+
+def oldest(layer: CompressedLayer, sinks: int) -> torch.Tensor:
+    """The slot (batch, heads) of the oldest token after the sinks: recency eviction. (With more tokens
+    than the budget, the recent window never covers every non-sink token, so this one is unprotected.)"""
+    pos = layer.view("pos")
+    return (pos.masked_fill(pos < sinks, torch.iinfo(torch.long).max) if sinks else pos).argmin(dim=-1)
 
 
 def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
@@ -377,8 +389,9 @@ class CompressedCache(Cache):
             budget, sinks, recent = self._allocate(layer)
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
-                victim = lowest(layer, method.eviction_scores(layer), sinks, recent)
-                method.before_evict(layer, victim)
+                scores = method.eviction_scores(layer)
+                victim = oldest(layer, sinks) if scores is None else lowest(layer, scores, sinks, recent)
+                method.before_evict(layer, victim, scores)
                 layer.evict(victim)
 
     # -- accounting

@@ -50,7 +50,12 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     out_*: (..., d), lse_*: (...) log-sum-exp of the scaled logits. Computed in float32."""
     top = torch.maximum(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
-    return (out_a.float() * wa + out_b.float() * wb) / (wa + wb)
+    return (as_float(out_a) * wa + as_float(out_b) * wb) / (wa + wb)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (itself when it already is: no op dispatched)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
@@ -73,17 +78,21 @@ class SegmentPattern:
         start = cu_lens[:-1].long().repeat_interleave(rows)  # where each row's segment begins in the store
         col = torch.arange(nnz, device=lens.device) - crow[:-1][self.row_of] + start[self.row_of]
         self.crow, self.col, self.shape = crow, col, (segments * rows, int(cu_lens[-1]))
+        self.has_empty = not bool(self.row_lens.all())  # a segment with no token: its rows weigh nothing
         self.empty = csr(crow, col, torch.zeros(nnz, device=lens.device), self.shape)
 
     def attention(self, query, keys, values, scaling):
         """Softmax attention of `query` (rows, d) on the pattern: output (rows, d) and log-sum-exp (rows,)."""
         logits = torch.sparse.sampled_addmm(self.empty, query, keys.t(), beta=0.0, alpha=scaling).values()
         top = torch.segment_reduce(logits, "max", lengths=self.row_lens)
-        top = top.masked_fill(self.row_lens == 0, 0.0) if not bool(self.row_lens.all()) else top
+        if self.has_empty:
+            top = top.masked_fill(self.row_lens == 0, 0.0)
         weights = (logits - top[self.row_of]).exp_()
-        total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)
+        total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)  # >= 1 in a row with a token
         out = csr(self.crow, self.col, weights, self.shape) @ values
-        return out / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None], total.log().add_(top)
+        if self.has_empty:
+            total = total.clamp(min=torch.finfo(total.dtype).tiny)
+        return out.div_(total[:, None]), total.log().add_(top)
 
 
 class RaggedKV:
@@ -138,7 +147,7 @@ class RaggedKV:
             and query.dtype in (torch.float16, torch.bfloat16)
         )
         out = self._varlen(query, scaling) if use_varlen else self._sparse(query, scaling)
-        return out.to(query.dtype)
+        return out if out.dtype == query.dtype else out.to(query.dtype)
 
     def pattern(self, rows: int) -> SegmentPattern:
         if rows not in self._patterns:
@@ -151,7 +160,7 @@ class RaggedKV:
     def _sparse(self, query, scaling):
         b, hq, q, d = query.shape
         g = hq // self.heads
-        query_g = query.reshape(b, self.heads, g * q, d).float()  # rows: (group member, query)
+        query_g = as_float(query.reshape(b, self.heads, g * q, d))  # rows: (group member, query)
         # prefix: every new query sees its head's whole segment
         keys, values = self.prefix_keys, self.prefix_values
         if keys.dtype not in SPARSE_DTYPES:
@@ -160,13 +169,13 @@ class RaggedKV:
         # decoded block: bottom-right causal among the new queries
         dkeys, dvalues = self._decoded_block()  # (B, n, H, d)
         n = dkeys.shape[1]
-        logits = torch.einsum("bhrd,bnhd->bhrn", query_g, dkeys.float()).mul_(scaling)
+        logits = torch.einsum("bhrd,bnhd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
         if q > 1:
             newest = torch.arange(q, device=query.device).repeat(g)[:, None] + n - q  # row r = (member, query)
             logits.masked_fill_(torch.arange(n, device=query.device)[None, :] > newest, float("-inf"))
         lse_decoded = torch.logsumexp(logits, dim=-1)
         probs = (logits - lse_decoded[..., None]).exp_()
-        out_decoded = torch.einsum("bhrn,bnhd->bhrd", probs, dvalues.float())
+        out_decoded = torch.einsum("bhrn,bnhd->bhrd", probs, as_float(dvalues))
         out = merge_partials(out_prefix.view(b, self.heads, g * q, d), lse_prefix.view(b, self.heads, g * q),
                              out_decoded, lse_decoded)
         return out.view(b, hq, q, d).transpose(1, 2)

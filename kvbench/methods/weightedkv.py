@@ -32,20 +32,12 @@ from kvbench.methods.base import Method
 
 
 def merged_value(v_j: torch.Tensor, abar_j: torch.Tensor, v_r: torch.Tensor, abar_r: torch.Tensor) -> torch.Tensor:
-    """(ā_j v_j + ā_r v_r) / (ā_j + ā_r), or v_r where ā_j + ā_r = 0. ā broadcast over head_dim."""
-    total = abar_j + abar_r
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    merged = (abar_j[..., None] * v_j.float() + abar_r[..., None] * v_r.float()) / safe[..., None]
-    return torch.where((total > 0)[..., None], merged, v_r.float()).to(v_r.dtype)
+    """(ā_j v_j + ā_r v_r) / (ā_j + ā_r), or v_r where ā_j + ā_r = 0. ā broadcast over head_dim.
 
-
-def merge_into_right(values, j, r, abar_j, abar_r, has_right) -> None:
-    """In place: v_r <- merged_value(v_j, ā_j, v_r, ā_r) per (batch, head); v_r unchanged without a right neighbour."""
-    index = r[..., None, None].expand(-1, -1, 1, values.shape[-1])
-    v_j = values.gather(2, j[..., None, None].expand_as(index))[:, :, 0]
-    v_r = values.gather(2, index)[:, :, 0]
-    merged = torch.where(has_right[..., None], merged_value(v_j, abar_j, v_r, abar_r), v_r)
-    values.scatter_(2, index, merged[:, :, None])
+    Written as v_r + w (v_j - v_r) with w = ā_j / (ā_j + ā_r) (0 where 0/0): one lerp, computed in float32."""
+    weight = (abar_j / (abar_j + abar_r)).nan_to_num_(0.0)[..., None]
+    merged = torch.lerp(v_r.float(), v_j.float(), weight.float())
+    return merged if merged.dtype == v_r.dtype else merged.to(v_r.dtype)
 
 
 def replay_merges(values, abar, keep):
@@ -131,7 +123,7 @@ class WeightedKV(Method):
         return (layer.seen - layer.view("pos")).clamp(max=n_queries).float()
 
     def average(self, layer) -> torch.Tensor:
-        return layer.view("attn") / layer.view("steps").clamp(min=1)
+        return layer.view("attn") / layer.view("steps")  # steps >= 1: every cached token was seen by a query
 
     def prefill_scores(self, layer, stats):
         layer.view("attn").add_(stats.colsum)
@@ -140,20 +132,28 @@ class WeightedKV(Method):
 
     def decode_update(self, layer, stats) -> None:
         layer.view("attn").add_(stats.row)
-        layer.view("steps").add_(self._attended(layer, stats.n_queries))
+        if stats.n_queries == 1:  # one new query sees every cached token
+            layer.view("steps").add_(1)
+        else:
+            layer.view("steps").add_(self._attended(layer, stats.n_queries))
 
     def eviction_scores(self, layer):
         return self.average(layer)
 
-    def before_evict(self, layer, victim: torch.Tensor) -> None:
+    def before_evict(self, layer, victim: torch.Tensor, scores: torch.Tensor) -> None:
+        """Merge the victim's value into the next token on its right (by position); `scores` hold ā."""
         pos = layer.view("pos")
-        victim_pos = pos.gather(2, victim[..., None])
-        right = pos.masked_fill(pos <= victim_pos, torch.iinfo(torch.long).max)
-        r = right.argmin(dim=-1)  # the next token to the right
-        has_right = right.gather(2, r[..., None])[..., 0] != torch.iinfo(torch.long).max
-        abar = self.average(layer)
-        a_j, a_r = abar.gather(2, victim[..., None])[..., 0], abar.gather(2, r[..., None])[..., 0]
-        merge_into_right(layer.values, victim, r, a_j, a_r, has_right)
+        slot = victim.unsqueeze(-1)
+        right = pos.masked_fill(pos <= pos.gather(2, slot), torch.iinfo(torch.long).max)
+        pair = torch.cat([slot, right.argmin(dim=-1, keepdim=True)], dim=-1)  # (B, H, 2): victim, right
+        abar = scores.gather(2, pair)
+        index = pair.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1])
+        v = layer.values.gather(2, index)
+        merged = merged_value(v[:, :, :1], abar[..., :1], v[:, :, 1:], abar[..., 1:])
+        if not layer.owner.allocation[2]:  # no recent window: the victim may be the newest (nothing on its right)
+            merged = torch.where(right.amin(dim=-1)[..., None, None] == torch.iinfo(torch.long).max,
+                                 v[:, :, 1:], merged)
+        layer.values.scatter_(2, index[:, :, 1:], merged)
 
     def before_compact(self, layer, keep: torch.Tensor) -> None:
         """Apply the prompt's merges (slots are in position order at the prompt: a fresh cache)."""
