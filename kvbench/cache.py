@@ -148,25 +148,26 @@ class CompressedLayer(CacheLayerMixin):
         if self.length + q > self.capacity:
             needed = self.length + q
             self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
-        new = slice(self.length, self.length + q)
-        self.keys[:, :, new] = key_states
-        self.values[:, :, new] = value_states
+        start = self.length  # narrow, not [:, :, a:b]: one op per write (a decode step runs this per layer)
+        self.keys.narrow(2, start, q).copy_(key_states)
+        self.values.narrow(2, start, q).copy_(value_states)
+        pos = self.state["pos"].narrow(2, start, q)
         if q == 1:
-            self.state["pos"][:, :, new].fill_(self.seen)
+            pos.fill_(self.seen)
         else:
-            self.state["pos"][:, :, new] = torch.arange(self.seen, self.seen + q, device=self.device)
+            pos.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
         for name in self.owner.method.slot_state:
-            self.state[name][:, :, new] = 0
+            self.state[name].narrow(2, start, q).zero_()
         if self.owner.shifted:
-            ranks = torch.arange(self.length, self.length + q, device=self.device)
-            self.state["rot"][:, :, new] = ranks
-            self.state["rank"][:, :, new] = ranks
+            ranks = torch.arange(start, start + q, device=self.device)
+            self.state["rot"].narrow(2, start, q).copy_(ranks)
+            self.state["rank"].narrow(2, start, q).copy_(ranks)
         self.length += q
         self.seen += q
-        return self.current_keys(), self.values[:, :, : self.length]
+        return self.current_keys(), self.values.narrow(2, 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
-        keys = self.keys[:, :, : self.length]
+        keys = self.keys.narrow(2, 0, self.length)
         if self.owner.shifted and self.moved:
             delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
             keys = self.owner.rotate(keys, delta)
@@ -194,7 +195,7 @@ class CompressedLayer(CacheLayerMixin):
     # -- compression
     def view(self, name: str) -> torch.Tensor:
         """The valid part of a per-token state tensor, (batch, heads, length)."""
-        return self.state[name][:, :, : self.length]
+        return self.state[name].narrow(2, 0, self.length)
 
     def protected(self, sinks: int, recent: int) -> torch.Tensor:
         pos = self.view("pos")

@@ -24,10 +24,11 @@ tokens], computed as two partial attentions merged by their log-sum-exp:
 - otherwise (the CPU, or no flash-attn) an exact sparse path whose cost follows
   the tokens stored: the prefix logits are a sampled matmul (SDDMM) of the
   queries with the packed keys on a fixed CSR pattern (row = one query of one
-  segment, columns = that segment's tokens), a softmax per row by segment
-  reductions, and a sparse-times-dense product with the packed values. Every
-  stored key and value is read once and none is copied (in half precision
-  the store is read into float32, as torch's sparse kernels need it).
+  segment, columns = that segment's tokens), an unnormalised softmax per row by
+  segment reductions, and a sparse-times-dense product with the packed values;
+  the decoded block joins the same softmax (rescaled by the larger maximum).
+  Every stored key and value is read once and none is copied (in half
+  precision the store is read into float32, as torch's sparse kernels need it).
 """
 
 from __future__ import annotations
@@ -78,21 +79,16 @@ class SegmentPattern:
         start = cu_lens[:-1].long().repeat_interleave(rows)  # where each row's segment begins in the store
         col = torch.arange(nnz, device=lens.device) - crow[:-1][self.row_of] + start[self.row_of]
         self.crow, self.col, self.shape = crow, col, (segments * rows, int(cu_lens[-1]))
-        self.has_empty = not bool(self.row_lens.all())  # a segment with no token: its rows weigh nothing
         self.empty = csr(crow, col, torch.zeros(nnz, device=lens.device), self.shape)
 
-    def attention(self, query, keys, values, scaling):
-        """Softmax attention of `query` (rows, d) on the pattern: output (rows, d) and log-sum-exp (rows,)."""
+    def partial(self, query, keys, values, scaling):
+        """Unnormalised softmax attention of `query` (rows, d) on the pattern: (Σ w v, Σ w, max logit) per
+        row, with w = exp(logit - max); a row with no token gives (0, 0, -inf)."""
         logits = torch.sparse.sampled_addmm(self.empty, query, keys.t(), beta=0.0, alpha=scaling).values()
         top = torch.segment_reduce(logits, "max", lengths=self.row_lens)
-        if self.has_empty:
-            top = top.masked_fill(self.row_lens == 0, 0.0)
         weights = (logits - top[self.row_of]).exp_()
-        total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)  # >= 1 in a row with a token
-        out = csr(self.crow, self.col, weights, self.shape) @ values
-        if self.has_empty:
-            total = total.clamp(min=torch.finfo(total.dtype).tiny)
-        return out.div_(total[:, None]), total.log().add_(top)
+        total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)
+        return csr(self.crow, self.col, weights, self.shape) @ values, total, top
 
 
 class RaggedKV:
@@ -165,20 +161,24 @@ class RaggedKV:
         keys, values = self.prefix_keys, self.prefix_values
         if keys.dtype not in SPARSE_DTYPES:
             keys, values = keys.float(), values.float()
-        out_prefix, lse_prefix = self.pattern(g * q).attention(query_g.view(-1, d), keys, values, scaling)
-        # decoded block: bottom-right causal among the new queries
+        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys, values, scaling)
+        rows = (b, self.heads, g * q)
+        # decoded block: bottom-right causal among the new queries, one softmax with the prefix's partial
         dkeys, dvalues = self._decoded_block()  # (B, n, H, d)
         n = dkeys.shape[1]
         logits = torch.einsum("bhrd,bnhd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
         if q > 1:
             newest = torch.arange(q, device=query.device).repeat(g)[:, None] + n - q  # row r = (member, query)
             logits.masked_fill_(torch.arange(n, device=query.device)[None, :] > newest, float("-inf"))
-        lse_decoded = torch.logsumexp(logits, dim=-1)
-        probs = (logits - lse_decoded[..., None]).exp_()
-        out_decoded = torch.einsum("bhrn,bnhd->bhrd", probs, as_float(dvalues))
-        out = merge_partials(out_prefix.view(b, self.heads, g * q, d), lse_prefix.view(b, self.heads, g * q),
-                             out_decoded, lse_decoded)
+        top_prefix = top.view(rows)
+        top = torch.maximum(top_prefix, logits.amax(dim=-1))  # finite: a new query sees its own token
+        scale = (top_prefix - top).exp_()  # rescales the prefix's partial (0 for a head with no prefix)
+        weights = logits.sub_(top[..., None]).exp_()
+        total = total.view(rows).mul_(scale).add_(weights.sum(dim=-1))
+        out = torch.einsum("bhrn,bnhd->bhrd", weights, as_float(dvalues))
+        out = out.add_(acc.view(*rows, d).mul_(scale[..., None])).div_(total[..., None])
         return out.view(b, hq, q, d).transpose(1, 2)
+
     def _varlen(self, query, scaling):  # pragma: no cover - needs CUDA and flash-attn
         b, hq, q, d = query.shape
         h = self.heads
