@@ -35,7 +35,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_compression import OpCounter, add_model_arguments, append_row, build_model, write_random_head_scores
+from bench_compression import (
+    OpCounter,
+    add_model_arguments,
+    append_row,
+    build_model,
+    write_random_head_scores,
+)
 
 from kvbench import ragged
 from kvbench.cache import Budget, CompressedCache
