@@ -24,7 +24,7 @@ EXP     ?=
 SCALE   ?= full
 ARGS    ?=
 
-.PHONY: install test models demo demo-real sweep sharded status table reproduce-table plots lint clean
+.PHONY: install test models demo demo-real sweep sharded status table reproduce-table plots lint clean gpu-check
 
 install: $(STAMP)
 
@@ -76,6 +76,11 @@ reproduce-table: $(STAMP)
 
 plots: $(STAMP)
 	$(PY) scripts/paper_plots.py
+
+# what to run first on a CUDA machine: every method on a random 7B-shaped model at 4k/16k/32k tokens
+# (results/gpu_check/gpu_check.{json,md}); without CUDA, the same code on a narrow model (a CPU run)
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check kvbench tests scripts

@@ -9,11 +9,12 @@ patched globally and no model class is touched. The function:
    token is visible, the new tokens are causal among themselves;
 2. when the call carries a `kvbench_cache` (a `CompressedCache`), computes only
    the statistics the active method asks for and hands them to the cache, which
-   compacts that layer right away.
+   compacts that layer right away. Column sums and a decode step's row come out
+   of the same pass as the output (the base implementation is not called then).
 
 Statistics never hold an n x n matrix: column sums over all queries are taken in
-query blocks (O(block * n) memory), the window statistic uses the last w
-queries, the decode row is one query. Query heads of a GQA group are averaged
+query blocks (O(block * n) memory), the window statistic is the same sum over
+the last w queries (also in blocks), the decode row is one query. Query heads of a GQA group are averaged
 so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32.
 """
 
@@ -118,6 +119,11 @@ def kvbench_attention(
         # a decode step whose method needs the attention row: one pass gives both output and row
         out, row = attention_with_row(query, key, value, scaling)
         stats = Stats(n_queries=1, row=row)
+    elif (request.colsum or request.row) and not request.window:
+        # column sums over every query (H2O, VATP, WeightedKV at the prompt): the same blocked pass
+        # gives the output, so the prompt costs one attention pass, not the base's plus the statistics'
+        colsum, out = attention_column_sums(query, key, scaling, value=value)
+        stats = Stats(n_queries=q_len, colsum=colsum, row=colsum if request.row else None)
     else:
         out, _ = _base_function(base)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         stats = compute_stats(request, query, key, scaling) if request.any() else Stats(n_queries=q_len)
@@ -172,39 +178,47 @@ def _probs(query_g, key, scaling, q_first, kv_len) -> torch.Tensor:
     return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
-def attention_column_sums(query, key, scaling=None, block: int | None = None) -> torch.Tensor:
-    """s_j = sum_i A_ij over every query i (causal), averaged over the query heads of a KV group.
+def block_size(query, key) -> int:
+    """Queries per block: a block of float32 logits holds about half the bytes of the layer's K and V,
+    clamped to [MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS] elements."""
+    layer_kv_bytes = 2 * key.numel() * key.element_size()
+    elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))  # fp32: half the bytes
+    return max(1, elements // max(1, query.shape[0] * query.shape[1] * key.shape[2]))
 
-    Computed in query blocks so memory is O(block * kv_len), never O(q_len * kv_len).
+
+def attention_column_sums(query, key, scaling=None, block: int | None = None, first: int = 0, value=None):
+    """s_j = sum_i A_ij over the queries i >= `first` (causal), averaged over the query heads of a KV group.
+
+    Computed in query blocks so memory is O(block * kv_len), never O(q_len * kv_len). With `value`, the
+    same pass also gives the attention output, (B, q_len, Hq, D) as the base implementations return it:
+    returns (sums, output), one attention pass instead of two.
     """
     b, hq, q_len, d = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     scaling = d**-0.5 if scaling is None else scaling
-    if block is None:
-        layer_kv_bytes = 2 * key.numel() * key.element_size()
-        elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))  # fp32: half the bytes
-        block = max(1, elements // max(1, b * hq * kv_len))
+    block = block or block_size(query, key)
     query_g = _grouped(query, kv_heads)
     out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
     offset = kv_len - q_len
-    for start in range(0, q_len, block):
+    output = None if value is None else query.new_empty(query_g.shape[:3] + (q_len, value.shape[-1]))
+    for start in range(first, q_len, block):
         stop = min(start + block, q_len)
         visible = offset + stop  # causal: this block sees no key past its last query
         probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], scaling, start + offset, visible)
         out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
-    return out
+        if output is not None:
+            weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
+            output[:, :, :, start:stop] = torch.einsum("bhgqk,bhkd->bhgqd", weights, value[:, :, :visible])
+    if output is None:
+        return out
+    return out, output.view(b, hq, q_len, -1).transpose(1, 2).contiguous()
 
 
-def attention_window(query, key, window: int, scaling=None) -> torch.Tensor:
-    """Mean attention of the last `window` queries on each key (group-averaged)."""
+def attention_window(query, key, window: int, scaling=None, block: int | None = None) -> torch.Tensor:
+    """Mean attention of the last `window` queries on each key (group-averaged), in query blocks."""
     q_len = query.shape[2]
     w = min(window, q_len)
-    d = query.shape[-1]
-    scaling = d**-0.5 if scaling is None else scaling
-    query_g = _grouped(query[:, :, q_len - w :], key.shape[1])
-    kv_len = key.shape[2]
-    probs = _probs(query_g, key, scaling, kv_len - w, kv_len)
-    return probs.mean(dim=3).mean(dim=2)
+    return attention_column_sums(query, key, scaling, block, first=q_len - w).div_(w)
 
 
 def attention_with_row(query, key, value, scaling=None):
@@ -216,9 +230,11 @@ def attention_with_row(query, key, value, scaling=None):
     kv_heads = key.shape[1]
     scaling = d**-0.5 if scaling is None else scaling
     query_g = _grouped(query, kv_heads)  # (B, Hkv, G, 1, D)
-    probs = torch.softmax(torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).float() * scaling, dim=-1)
-    out = torch.einsum("bhgqk,bhkd->bhgqd", probs.to(value.dtype), value).reshape(b, hq, 1, d)
-    return out.transpose(1, 2).contiguous(), probs[:, :, :, 0].mean(dim=2)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).mul_(scaling)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", weights, value).reshape(b, 1, hq, d)  # q = 1: (B, Hq, 1) = (B, 1, Hq)
+    return out, probs.mean(dim=(2, 3))
 
 
 def compute_stats(request: StatsRequest, query, key, scaling=None) -> Stats:

@@ -12,7 +12,7 @@ order; every rule is stated on positions.
   budget (sinks + recent window protected, top-k of the rest), so at most one
   layer holds its full KV at any time.
 - decode (`stage: decode`): the new token is written into a free slot; when the
-  cache is over budget, the lowest-ranked unprotected token is evicted and the
+  cache is over budget, the lowest-ranked unprotected token (the older among equals) is evicted and the
   last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring).
 - positions `original`: keys keep the RoPE position they were computed at and
   queries continue counting. `shifted`: new tokens are placed at the cache
@@ -153,27 +153,28 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
         if self.length + q > self.capacity:
-            extra = self.owner.reserve if not self.owner.method.compresses else 0
-            self._grow(key_states, self.length + q + extra)
-        new = slice(self.length, self.length + q)
-        self.keys[:, :, new] = key_states
-        self.values[:, :, new] = value_states
+            needed = self.length + q
+            self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
+        start = self.length  # narrow, not [:, :, a:b]: one op per write (a decode step runs this per layer)
+        self.keys.narrow(2, start, q).copy_(key_states)
+        self.values.narrow(2, start, q).copy_(value_states)
+        pos = self.state["pos"].narrow(2, start, q)
         if q == 1:
-            self.state["pos"][:, :, new].fill_(self.seen)
+            pos.fill_(self.seen)
         else:
-            self.state["pos"][:, :, new] = torch.arange(self.seen, self.seen + q, device=self.device)
+            pos.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
         for name in self.owner.method.slot_state:
-            self.state[name][:, :, new] = 0
+            self.state[name].narrow(2, start, q).zero_()
         if self.owner.shifted:
-            ranks = torch.arange(self.length, self.length + q, device=self.device)
-            self.state["rot"][:, :, new] = ranks
-            self.state["rank"][:, :, new] = ranks
+            ranks = torch.arange(start, start + q, device=self.device)
+            self.state["rot"].narrow(2, start, q).copy_(ranks)
+            self.state["rank"].narrow(2, start, q).copy_(ranks)
         self.length += q
         self.seen += q
-        return self.current_keys(), self.values[:, :, : self.length]
+        return self.current_keys(), self.values.narrow(2, 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
-        keys = self.keys[:, :, : self.length]
+        keys = self.keys.narrow(2, 0, self.length)
         if self.owner.shifted and self.moved:
             delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
             keys = self.owner.rotate(keys, delta)
@@ -201,10 +202,14 @@ class CompressedLayer(CacheLayerMixin):
     # -- compression
     def view(self, name: str) -> torch.Tensor:
         """The valid part of a per-token state tensor, (batch, heads, length)."""
-        return self.state[name][:, :, : self.length]
+        return self.state[name].narrow(2, 0, self.length)
 
     def protected(self, sinks: int, recent: int) -> torch.Tensor:
         pos = self.view("pos")
+        if not sinks:
+            return pos >= self.seen - recent
+        if not recent:
+            return pos < sinks
         return (pos < sinks) | (pos >= self.seen - recent)
 
     def compact(self, keep: torch.Tensor, extra: int) -> None:
@@ -258,11 +263,12 @@ class CompressedLayer(CacheLayerMixin):
             victim_pos = self.view("pos").gather(2, victim[..., None])
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
-        index = victim[..., None, None].expand(-1, -1, 1, self.keys.shape[-1])
+        slot = victim.unsqueeze(-1)
+        index = slot.unsqueeze(-1).expand(-1, -1, 1, self.keys.shape[-1])
         for buf in (self.keys, self.values):  # (a victim in the last slot copies onto itself)
-            buf.scatter_(2, index, buf[:, :, last : last + 1])
+            buf.scatter_(2, index, buf.narrow(2, last, 1))
         for tensor in self.state.values():
-            tensor.scatter_(2, victim[..., None], tensor[:, :, last : last + 1])
+            tensor.scatter_(2, slot, tensor.narrow(2, last, 1))
         self.length -= 1
 
 
@@ -287,12 +293,21 @@ def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor
     return (ranks < budgets[..., None]).flip(-1)
 
 
-def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
-    """The slot (batch, heads) with the lowest score outside the protected tokens.
+def oldest(layer: CompressedLayer, sinks: int) -> torch.Tensor:
+    """The slot (batch, heads) of the oldest token after the sinks: recency eviction. (With more tokens
+    than the budget, the recent window never covers every non-sink token, so this one is unprotected.)"""
+    pos = layer.view("pos")
+    return (pos.masked_fill(pos < sinks, torch.iinfo(torch.long).max) if sinks else pos).argmin(dim=-1)
 
-    This runs every decode step in every layer, so it is two ops; exact ties (rare with continuous
-    scores) go to the lowest slot index."""
-    return scores.float().masked_fill(layer.protected(sinks, recent), float("inf")).argmin(dim=-1)
+
+def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
+    older token goes (the newer wins, as at the prompt cut), whatever the slot order."""
+    ranked = scores if scores.dtype == torch.float32 else scores.float()
+    if sinks or recent:
+        ranked = ranked.masked_fill(layer.protected(sinks, recent), float("inf"))
+    ties = ranked.ne(ranked.amin(dim=-1, keepdim=True))
+    return layer.view("pos").masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
 class CompressedCache(Cache):
@@ -317,6 +332,21 @@ class CompressedCache(Cache):
         self.shifted = method.positions == "shifted"
         self.rotary = model.get_decoder().rotary_emb if self.shifted else None
         self.prompt_len: int | None = None
+
+    def first_capacity(self, n: int) -> int:
+        """Slots to allocate at a layer's first write of `n` tokens: room for what it will hold, so a
+        prompt that fits its budget is never copied into doubled buffers at the first decoded token."""
+        method = self.method
+        if not method.compresses:
+            return n + self.reserve
+        budget = method.allocate(self.budget_spec, n)[0] if self.phase == "prefill" else None
+        if budget is None:
+            return n + self.reserve
+        if n > budget:
+            return n  # compacted into fresh buffers right after its attention
+        if method.stage == "decode":  # never holds more than budget + 1
+            return min(n + self.reserve, budget + 1) if self.reserve else budget + 1
+        return n + self.reserve
 
     # -- driving
     def next_position_ids(self, q_len: int) -> torch.Tensor:
@@ -370,8 +400,9 @@ class CompressedCache(Cache):
             budget, sinks, recent = self._allocate(layer)
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
-                victim = lowest(layer, method.eviction_scores(layer), sinks, recent)
-                method.before_evict(layer, victim)
+                scores = method.eviction_scores(layer)
+                victim = oldest(layer, sinks) if scores is None else lowest(layer, scores, sinks, recent)
+                method.before_evict(layer, victim, scores)
                 layer.evict(victim)
 
     # -- accounting

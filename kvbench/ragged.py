@@ -8,10 +8,12 @@ the sum of the head budgets; nothing is padded to the largest head:
     cu_lens                      (B * H + 1,) int32, segment i = (b, h) with i = b * H + h
     decode_keys, decode_values   (B, capacity, H, head_dim): tokens generated after the prompt
 
-Decoded tokens are appended to every head (the methods are prefill-only), so
-they form a dense block with the same count in every head; a decode step
-writes one slot per head into reserved capacity and never copies the prefix
-(capacity doubles, copying only the decoded tokens, if a run outlasts it).
+H is the store's head count: the model's KV heads, or its query heads when a
+method stores one segment per query head (G = 1). Decoded tokens are appended
+to every head (the methods are prefill-only), so they form a dense block with
+the same count in every head; a decode step writes one slot per head into
+reserved capacity and never copies the prefix (capacity doubles, copying only
+the decoded tokens, if a run outlasts it).
 
 Attention of new queries = softmax over [prefix segment of the head, decoded
 tokens], computed as two partial attentions merged by their log-sum-exp:
@@ -19,12 +21,19 @@ tokens], computed as two partial attentions merged by their log-sum-exp:
 - with flash-attn on CUDA (fp16/bf16): `flash_attn_varlen_func` over the packed
   segments (each (b, h) is one sequence whose G query heads share its single
   KV head) and `flash_attn_func` over the decoded block (causal, bottom-right);
-- otherwise an exact padded fallback: the segments are gathered into a
-  transient (B, H, max_len, head_dim) tensor for one layer at a time, masked,
-  and attended in float32. The store itself stays packed.
+- otherwise (the CPU, or no flash-attn) an exact sparse path whose cost follows
+  the tokens stored: the prefix logits are a sampled matmul (SDDMM) of the
+  queries with the packed keys on a fixed CSR pattern (row = one query of one
+  segment, columns = that segment's tokens), an unnormalised softmax per row by
+  segment reductions, and a sparse-times-dense product with the packed values;
+  the decoded block joins the same softmax (rescaled by the larger maximum).
+  Every stored key and value is read once and none is copied (in half
+  precision the store is read into float32, as torch's sparse kernels need it).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -33,6 +42,8 @@ try:  # optional: the `gpu` extra
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = flash_attn_varlen_func = None
 
+SPARSE_DTYPES = (torch.float32, torch.float64)  # what torch's CSR kernels compute in
+
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
     """Softmax attention over the union of two key sets from the attention over each.
@@ -40,16 +51,44 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     out_*: (..., d), lse_*: (...) log-sum-exp of the scaled logits. Computed in float32."""
     top = torch.maximum(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
-    return (out_a.float() * wa + out_b.float() * wb) / (wa + wb)
+    return (as_float(out_a) * wa + as_float(out_b) * wb) / (wa + wb)
 
 
-def _probs_lse(logits: torch.Tensor):
-    """Softmax probabilities and log-sum-exp of masked float32 logits (-inf where not visible)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
-    if not torch.isfinite(lse).all():  # a head with no token in this part: its row is all zeros
-        probs = probs.nan_to_num(0.0)
-    return probs, lse
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (itself when it already is: no op dispatched)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": the kernels used here are the stable ones
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+class SegmentPattern:
+    """The CSR pattern of `rows` queries per segment on the packed prefix (built once per query count)."""
+
+    def __init__(self, lens: torch.Tensor, cu_lens: torch.Tensor, rows: int):
+        segments = lens.numel()
+        self.row_lens = lens.repeat_interleave(rows)  # (segments * rows,)
+        crow = torch.zeros(segments * rows + 1, dtype=torch.long, device=lens.device)
+        crow[1:] = self.row_lens.cumsum(0)
+        nnz = int(crow[-1])
+        self.row_of = torch.repeat_interleave(torch.arange(segments * rows, device=lens.device), self.row_lens,
+                                              output_size=nnz)
+        start = cu_lens[:-1].long().repeat_interleave(rows)  # where each row's segment begins in the store
+        col = torch.arange(nnz, device=lens.device) - crow[:-1][self.row_of] + start[self.row_of]
+        self.crow, self.col, self.shape = crow, col, (segments * rows, int(cu_lens[-1]))
+        self.empty = csr(crow, col, torch.zeros(nnz, device=lens.device), self.shape)
+
+    def partial(self, query, keys, values, scaling):
+        """Unnormalised softmax attention of `query` (rows, d) on the pattern: (Σ w v, Σ w, max logit) per
+        row, with w = exp(logit - max); a row with no token gives (0, 0, -inf)."""
+        logits = torch.sparse.sampled_addmm(self.empty, query, keys.t(), beta=0.0, alpha=scaling).values()
+        top = torch.segment_reduce(logits, "max", lengths=self.row_lens)
+        weights = (logits - top[self.row_of]).exp_()
+        total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)
+        return csr(self.crow, self.col, weights, self.shape) @ values, total, top
 
 
 class RaggedKV:
@@ -70,7 +109,7 @@ class RaggedKV:
         self.cu_lens = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=keys.device)
         self.cu_lens[1:] = lens.cumsum(0)
         self.max_len = int(lens.max()) if lens.numel() else 0
-        self._padding: tuple[torch.Tensor, torch.Tensor] | None = None  # built on first use by the fallback
+        self._patterns: dict[int, SegmentPattern] = {}  # rows per segment -> CSR pattern, built on first use
         self.decode_keys = keys.new_empty(batch, max(1, reserve), heads, head_dim)
         self.decode_values = torch.empty_like(self.decode_keys)
         self.decoded = 0
@@ -91,9 +130,8 @@ class RaggedKV:
                 new = old.new_empty(self.batch, capacity, self.heads, self.head_dim)
                 new[:, : self.decoded] = old[:, : self.decoded]
                 setattr(self, name, new)
-        new = slice(self.decoded, self.decoded + q)
-        self.decode_keys[:, new] = key_states.transpose(1, 2)
-        self.decode_values[:, new] = value_states.transpose(1, 2)
+        self.decode_keys.narrow(1, self.decoded, q).copy_(key_states.transpose(1, 2))
+        self.decode_values.narrow(1, self.decoded, q).copy_(value_states.transpose(1, 2))
         self.decoded += q
 
     # -- attention
@@ -104,45 +142,42 @@ class RaggedKV:
             and query.is_cuda
             and query.dtype in (torch.float16, torch.bfloat16)
         )
-        out = self._varlen(query, scaling) if use_varlen else self._padded(query, scaling)
-        return out.to(query.dtype)
+        out = self._varlen(query, scaling) if use_varlen else self._sparse(query, scaling)
+        return out if out.dtype == query.dtype else out.to(query.dtype)
 
-    def padding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(index, valid), each (B, H, max_len): where each head's j-th token sits in the packed store."""
-        if self._padding is None:
-            slots = torch.arange(self.max_len, device=self.lens.device)
-            valid = slots < self.lens[..., None]
-            start = self.cu_lens[:-1].view(self.batch, self.heads, 1).long()
-            index = (start + slots).clamp(max=max(0, self.prefix_keys.shape[0] - 1))
-            self._padding = index, valid
-        return self._padding
+    def pattern(self, rows: int) -> SegmentPattern:
+        if rows not in self._patterns:
+            self._patterns[rows] = SegmentPattern(self.lens.flatten(), self.cu_lens, rows)
+        return self._patterns[rows]
 
     def _decoded_block(self):
         return self.decode_keys[:, : self.decoded], self.decode_values[:, : self.decoded]
 
-    def _padded(self, query, scaling):
+    def _sparse(self, query, scaling):
         b, hq, q, d = query.shape
         g = hq // self.heads
-        query_g = query.reshape(b, self.heads, g * q, d).float()  # rows: (group member, query)
+        query_g = as_float(query.reshape(b, self.heads, g * q, d))  # rows: (group member, query)
         # prefix: every new query sees its head's whole segment
-        index, valid = self.padding()
-        flat = index.flatten()
-        keys = self.prefix_keys.index_select(0, flat).view(b, self.heads, self.max_len, d).float()  # transient
-        values = self.prefix_values.index_select(0, flat).view(b, self.heads, self.max_len, d).float()
-        logits = torch.matmul(query_g, keys.transpose(2, 3)).mul_(scaling)
-        logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
-        probs, lse_prefix = _probs_lse(logits)
-        out_prefix = torch.matmul(probs, values)
-        # decoded block: bottom-right causal among the new queries
-        dkeys, dvalues = (x.transpose(1, 2).float() for x in self._decoded_block())  # (B, H, n, d)
-        logits = torch.matmul(query_g, dkeys.transpose(2, 3)).mul_(scaling)
-        n = dkeys.shape[2]
-        visible = torch.arange(n, device=query.device)[None, :] <= torch.arange(q, device=query.device)[:, None] + n - q
-        logits.masked_fill_(~visible.repeat(g, 1), float("-inf"))
-        probs, lse_decoded = _probs_lse(logits)
-        out_decoded = torch.matmul(probs, dvalues)
-        out = merge_partials(out_prefix, lse_prefix, out_decoded, lse_decoded)  # (B, H, G * q, d)
-        return out.view(b, hq, q, d).transpose(1, 2).contiguous()
+        keys, values = self.prefix_keys, self.prefix_values
+        if keys.dtype not in SPARSE_DTYPES:
+            keys, values = keys.float(), values.float()
+        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys, values, scaling)
+        rows = (b, self.heads, g * q)
+        # decoded block: bottom-right causal among the new queries, one softmax with the prefix's partial
+        dkeys, dvalues = self._decoded_block()  # (B, n, H, d)
+        n = dkeys.shape[1]
+        logits = torch.einsum("bhrd,bnhd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
+        if q > 1:
+            newest = torch.arange(q, device=query.device).repeat(g)[:, None] + n - q  # row r = (member, query)
+            logits.masked_fill_(torch.arange(n, device=query.device)[None, :] > newest, float("-inf"))
+        top_prefix = top.view(rows)
+        top = torch.maximum(top_prefix, logits.amax(dim=-1))  # finite: a new query sees its own token
+        scale = (top_prefix - top).exp_()  # rescales the prefix's partial (0 for a head with no prefix)
+        weights = logits.sub_(top[..., None]).exp_()
+        total = total.view(rows).mul_(scale).add_(weights.sum(dim=-1))
+        out = torch.einsum("bhrn,bnhd->bhrd", weights, as_float(dvalues))
+        out = out.add_(acc.view(*rows, d).mul_(scale[..., None])).div_(total[..., None])
+        return out.view(b, hq, q, d).transpose(1, 2)
 
     def _varlen(self, query, scaling):  # pragma: no cover - needs CUDA and flash-attn
         b, hq, q, d = query.shape

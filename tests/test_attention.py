@@ -98,3 +98,16 @@ def test_eager_returns_probabilities():
     query, key, value = make_qkv(q=5, kv=5)
     _, probs = eager_attention(FakeModule("eager"), query, key, value, None, scaling=8**-0.5)
     torch.testing.assert_close(probs.double(), naive_probs(query, key, 8**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("q,kv", [(9, 9), (4, 11)])
+def test_column_sums_pass_also_gives_the_attention_output(hkv, q, kv):
+    """H2O-style prompts take their output from the statistics' pass (no second attention pass)."""
+    query, key, value = make_qkv(hkv=hkv, q=q, kv=kv, seed=4)
+    scaling = 8**-0.5
+    sums, out = attention_column_sums(query, key, scaling, block=2, value=value)
+    expected = torch.einsum("bhqk,bhkd->bqhd", naive_probs(query, key, scaling),
+                            value.double().repeat_interleave(4 // hkv, dim=1))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums, attention_column_sums(query, key, scaling, block=2))

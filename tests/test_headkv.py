@@ -484,7 +484,7 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hkv", [32, 8])
-def test_varlen_path_equals_padded_fallback_on_gpu(hkv):
+def test_varlen_path_equals_sparse_fallback_on_gpu(hkv):
     from kvbench import ragged
 
     if ragged.flash_attn_varlen_func is None:
@@ -501,8 +501,8 @@ def test_varlen_path_equals_padded_fallback_on_gpu(hkv):
                      torch.randn(1, hkv, width, d, device="cuda", dtype=torch.bfloat16, generator=g))
         query = torch.randn(1, 32, width, d, device="cuda", dtype=torch.bfloat16, generator=g)
         varlen = store._varlen(query, d**-0.5).float()
-        padded = store._padded(query, d**-0.5).float()
-        torch.testing.assert_close(varlen, padded, atol=2e-2, rtol=2e-2)
+        fallback = store._sparse(query, d**-0.5).float()
+        torch.testing.assert_close(varlen, fallback, atol=2e-2, rtol=2e-2)
 
 
 def test_estimation_in_process_counts_runs_and_restores_attention(tiny_gqa):

@@ -115,3 +115,46 @@ def test_layout_follows_the_paper():
     method = build({"name": "weightedkv"})
     assert method.allocate(Budget(tokens=1024), None) == (1024, 4, 508)
     assert method.allocate(Budget(tokens=256), None) == (256, 4, 124)
+
+
+def one_by_one(values, abar, kept):
+    """The prompt's merges literally: evict in ascending (ā, position), merge into the alive right neighbour."""
+    alive = list(range(len(abar)))
+    v = [list(map(float, row)) for row in values]
+    for j in sorted(set(alive) - set(kept), key=lambda j: (abar[j], j)):
+        i = alive.index(j)
+        if i + 1 < len(alive):
+            r = alive[i + 1]
+            total = abar[j] + abar[r]
+            if total > 0:
+                v[r] = [(abar[j] * a + abar[r] * b) / total for a, b in zip(v[j], v[r])]
+        alive.remove(j)
+    return [v[r] for r in sorted(kept)]
+
+
+@pytest.mark.parametrize("pattern", ["random", "ties-and-zeros", "rising", "falling"])
+def test_prompt_merges_at_once_equal_the_one_by_one_rule(pattern):
+    from kvbench.methods.weightedkv import replay_merges
+
+    g = torch.Generator().manual_seed(3)
+    n, budget, d = 300, 37, 5
+    abar = {
+        "random": torch.rand(2, 3, n, generator=g),
+        "ties-and-zeros": torch.randint(0, 4, (2, 3, n), generator=g).float() / 4,  # many exact ties, zeros
+        "rising": torch.linspace(0.1, 1, n).expand(2, 3, n).clone(),  # one long chain of merges
+        "falling": torch.linspace(1, 0.1, n).expand(2, 3, n).clone(),  # every token into the next kept one
+    }[pattern]
+    values = torch.randn(2, 3, n, d, generator=g, dtype=torch.float64)
+    # any kept set works; for "falling" the last token is kept, so every chain ends in a kept token
+    last = pattern == "falling"
+    keep = torch.stack([
+        torch.cat([torch.randperm(n - last, generator=g)[: budget - last], torch.tensor([n - 1] * last, dtype=torch.long)])
+        for _ in range(6)
+    ]).view(2, 3, budget)
+    out = replay_merges(values, abar, keep)
+    for b in range(2):
+        for h in range(3):
+            kept = keep[b, h].tolist()
+            expected = one_by_one(values[b, h].tolist(), abar[b, h].tolist(), kept)
+            got = out[b, h, sorted(kept)].double()
+            torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)

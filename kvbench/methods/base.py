@@ -11,7 +11,7 @@ A method is a small dataclass. The engine asks it four things:
   prompt (keep the highest), or None to keep the most recent;
 - `decode_update(layer, stats)` and `eviction_scores(layer)`: for `stage:
   decode`, fold one step's statistics into the per-token state, and rank the
-  tokens for eviction (lowest first).
+  tokens for eviction (lowest first; None: the oldest goes).
 
 Protection (sinks, recent window), top-k keep, compaction, slot reuse,
 positions and budgets live once in the engine, not in each method.
@@ -97,10 +97,11 @@ class Method:
         """Called with the slots about to be kept at the prompt cut (methods that merge act here)."""
         return None
 
-    def before_evict(self, layer, victim: torch.Tensor) -> None:
-        """Called with the slot (batch, heads) about to be evicted at a decode step."""
+    def before_evict(self, layer, victim: torch.Tensor, scores: torch.Tensor | None) -> None:
+        """Called with the slot (batch, heads) about to be evicted at a decode step, and the eviction scores."""
         return None
 
-    def eviction_scores(self, layer) -> torch.Tensor:
-        """Lowest is evicted first; default: the oldest position (recency)."""
-        return layer.state["pos"][:, :, : layer.length].float()
+    def eviction_scores(self, layer) -> torch.Tensor | None:
+        """Lowest is evicted first (the older of equal scores); None (the default): recency, the oldest
+        token after the sinks goes."""
+        return None

@@ -15,9 +15,9 @@ apart; its average is ā_j = a_j / n_j.
   are the merge region (C = 1024 → 4 + 508 + 512; C = 256 → 4 + 124 + 128);
 - prompt use (LongBench): a_j = Σ_i A_ij over the prompt queries, n_j = the
   number of prompt queries that see j, then the same rule down to C. Merging
-  never changes any ā, so the kept set is the top C by ā; the merges are
-  replayed in eviction order (lowest ā first) over a linked list of the alive
-  positions, one vectorised step per evicted token.
+  never changes any ā, so the kept set is the top C by ā; the merges, in
+  eviction order (lowest ā first, then position), are applied all at once
+  (`replay_merges`: they form a tree, whose weights come by pointer jumping).
 """
 
 from __future__ import annotations
@@ -32,20 +32,75 @@ from kvbench.methods.base import Method
 
 
 def merged_value(v_j: torch.Tensor, abar_j: torch.Tensor, v_r: torch.Tensor, abar_r: torch.Tensor) -> torch.Tensor:
-    """(ā_j v_j + ā_r v_r) / (ā_j + ā_r), or v_r where ā_j + ā_r = 0. ā broadcast over head_dim."""
-    total = abar_j + abar_r
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    merged = (abar_j[..., None] * v_j.float() + abar_r[..., None] * v_r.float()) / safe[..., None]
-    return torch.where((total > 0)[..., None], merged, v_r.float()).to(v_r.dtype)
+    """(ā_j v_j + ā_r v_r) / (ā_j + ā_r), or v_r where ā_j + ā_r = 0. ā broadcast over head_dim.
+
+    Written as v_r + w (v_j - v_r) with w = ā_j / (ā_j + ā_r) (0 where 0/0): one lerp, computed in float32."""
+    weight = (abar_j / (abar_j + abar_r)).nan_to_num_(0.0)[..., None]
+    merged = torch.lerp(v_r.float(), v_j.float(), weight.float())
+    return merged if merged.dtype == v_r.dtype else merged.to(v_r.dtype)
 
 
-def merge_into_right(values, j, r, abar_j, abar_r, has_right) -> None:
-    """In place: v_r <- merged_value(v_j, ā_j, v_r, ā_r) per (batch, head); v_r unchanged without a right neighbour."""
-    index = r[..., None, None].expand(-1, -1, 1, values.shape[-1])
-    v_j = values.gather(2, j[..., None, None].expand_as(index))[:, :, 0]
-    v_r = values.gather(2, index)[:, :, 0]
-    merged = torch.where(has_right[..., None], merged_value(v_j, abar_j, v_r, abar_r), v_r)
-    values.scatter_(2, index, merged[:, :, None])
+def replay_merges(values, abar, keep):
+    """Every prompt merge at once: values (B, H, n, d) in position order, ā (B, H, n), keep (B, H, C) slots.
+
+    Evicted tokens go in ascending ā (then position); each merges into its alive right neighbour r,
+    v_r <- α v_j + (1 - α) v_r with α = ā_j / (ā_j + ā_r) (0 when both are 0). The merges form a tree: j's
+    parent is the nearest token on its right evicted later (or kept), so the children of r arrive nearest
+    first, and a kept token ends as a weighted sum of its subtree's original values. The weights follow
+    from (1) each node's parent, by pointer jumping; (2) per parent, exclusive products of (1 - α) over
+    its children in position order; (3) path products to the root, by pointer jumping. O(log n) steps."""
+    batch, heads, n = abar.shape
+    device = abar.device
+    evicted_count = n - keep.shape[-1]
+    big = n + 1  # "time" of kept tokens and of the virtual token n after the last
+    time = torch.full((batch, heads, n + 1), big, dtype=torch.long, device=device)
+    evicted = torch.ones(batch, heads, n, dtype=torch.bool, device=device)
+    evicted.scatter_(2, keep, False)
+    order = abar.masked_fill(~evicted, float("inf")).sort(dim=-1, stable=True).indices[..., :evicted_count]
+    time.scatter_(2, order, torch.arange(evicted_count, device=device).expand(batch, heads, -1))
+    # (1) parent = nearest token on the right with a later time: pointer jumping, tokens between i and
+    # nxt[i] are always evicted before i
+    nxt = torch.arange(1, n + 2, device=device).clamp(max=n).expand(batch, heads, -1).clone()  # (B, H, n+1)
+    nxt[..., n] = n
+    while True:
+        ahead = time.gather(2, nxt) < time
+        ahead[..., n] = False
+        ahead &= time < big  # kept tokens are roots
+        if not bool(ahead.any()):
+            break
+        nxt = torch.where(ahead, nxt.gather(2, nxt), nxt)
+    parent = torch.where(time < big, nxt, torch.arange(n + 1, device=device))  # roots: themselves
+    a = torch.cat([abar.double(), abar.new_zeros(batch, heads, 1).double()], dim=-1)
+    a_parent = a.gather(2, parent)
+    total = a + a_parent
+    alpha = torch.where((total > 0) & (parent != torch.arange(n + 1, device=device)), a / total.clamp(min=1e-300), 0)
+    # (2) per parent, siblings in position order: exclusive product of (1 - α) over the siblings on the left
+    # (merged later), and ρ_x = product over all children of x (the share of x's own value)
+    by_parent = parent.argsort(dim=-1, stable=True)
+    f = (1 - alpha).gather(2, by_parent)
+    zero = f == 0
+    log_f = torch.where(zero, 1.0, f).log()  # the zeros count apart (log 1 = 0 in their place)
+    log_cum = log_f.cumsum(-1) - log_f
+    zeros_cum = zero.long().cumsum(-1) - zero.long()
+    p_sorted = parent.gather(2, by_parent)
+    first = torch.ones_like(zero)
+    first[..., 1:] = p_sorted[..., 1:] != p_sorted[..., :-1]
+    group_start = torch.where(first, torch.arange(n + 1, device=device), 0).cummax(-1).values
+    excl = (log_cum - log_cum.gather(2, group_start)).exp() * (zeros_cum == zeros_cum.gather(2, group_start))
+    edge = torch.empty_like(alpha).scatter_(2, by_parent, excl) * alpha  # weight of j in its parent
+    log_all = torch.zeros_like(alpha).scatter_add_(2, parent, torch.where(1 - alpha == 0, 0.0, (1 - alpha).log()))
+    zeros_all = torch.zeros_like(parent).scatter_add_(2, parent, (1 - alpha == 0).long())
+    rho = log_all.exp() * (zeros_all == 0)  # roots' self-loops have α = 0 (factor 1)
+    # (3) path products to the root
+    weight, up = torch.where(parent == torch.arange(n + 1, device=device), 1.0, edge), parent
+    while True:
+        if bool((up.gather(2, up) == up).all()):
+            break
+        weight, up = weight * weight.gather(2, up), up.gather(2, up)
+    contrib = (rho * weight)[..., :n, None].to(torch.float32) * values.float()
+    out = torch.zeros(batch, heads, n + 1, values.shape[-1], dtype=torch.float32, device=device)
+    out.scatter_add_(2, up[..., :n, None].expand(-1, -1, -1, values.shape[-1]), contrib)
+    return out[..., :n, :]
 
 
 @dataclass
@@ -68,7 +123,7 @@ class WeightedKV(Method):
         return (layer.seen - layer.view("pos")).clamp(max=n_queries).float()
 
     def average(self, layer) -> torch.Tensor:
-        return layer.view("attn") / layer.view("steps").clamp(min=1)
+        return layer.view("attn") / layer.view("steps")  # steps >= 1: every cached token was seen by a query
 
     def prefill_scores(self, layer, stats):
         layer.view("attn").add_(stats.colsum)
@@ -77,44 +132,30 @@ class WeightedKV(Method):
 
     def decode_update(self, layer, stats) -> None:
         layer.view("attn").add_(stats.row)
-        layer.view("steps").add_(self._attended(layer, stats.n_queries))
+        if stats.n_queries == 1:  # one new query sees every cached token
+            layer.view("steps").add_(1)
+        else:
+            layer.view("steps").add_(self._attended(layer, stats.n_queries))
 
     def eviction_scores(self, layer):
         return self.average(layer)
 
-    def before_evict(self, layer, victim: torch.Tensor) -> None:
+    def before_evict(self, layer, victim: torch.Tensor, scores: torch.Tensor) -> None:
+        """Merge the victim's value into the next token on its right (by position); `scores` hold ā."""
         pos = layer.view("pos")
-        victim_pos = pos.gather(2, victim[..., None])
-        right = pos.masked_fill(pos <= victim_pos, torch.iinfo(torch.long).max)
-        r = right.argmin(dim=-1)  # the next token to the right
-        has_right = right.gather(2, r[..., None])[..., 0] != torch.iinfo(torch.long).max
-        abar = self.average(layer)
-        a_j, a_r = abar.gather(2, victim[..., None])[..., 0], abar.gather(2, r[..., None])[..., 0]
-        merge_into_right(layer.values, victim, r, a_j, a_r, has_right)
+        slot = victim.unsqueeze(-1)
+        right = pos.masked_fill(pos <= pos.gather(2, slot), torch.iinfo(torch.long).max)
+        pair = torch.cat([slot, right.argmin(dim=-1, keepdim=True)], dim=-1)  # (B, H, 2): victim, right
+        abar = scores.gather(2, pair)
+        index = pair.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1])
+        v = layer.values.gather(2, index)
+        merged = merged_value(v[:, :, :1], abar[..., :1], v[:, :, 1:], abar[..., 1:])
+        if not layer.owner.allocation[2]:  # no recent window: the victim may be the newest (nothing on its right)
+            merged = torch.where(right.amin(dim=-1)[..., None, None] == torch.iinfo(torch.long).max,
+                                 v[:, :, 1:], merged)
+        layer.values.scatter_(2, index[:, :, 1:], merged)
 
     def before_compact(self, layer, keep: torch.Tensor) -> None:
-        """Replay the prompt's merges: evicted tokens in ascending ā (then position), each into its
-        alive right neighbour. Slots are in position order at the prompt (a fresh cache)."""
-        n = layer.length
-        batch, heads = keep.shape[:2]
-        device = keep.device
-        abar = self.average(layer)
-        evicted = torch.ones(batch, heads, n, dtype=torch.bool, device=device)
-        evicted.scatter_(2, keep, False)
-        # eviction order: lowest ā first, ties by position (stable sort over a position-ordered axis)
-        order = abar.masked_fill(~evicted, float("inf")).sort(dim=-1, stable=True).indices[..., : n - keep.shape[-1]]
-        # doubly linked list over slots 1..n, with sentinels 0 (before the first) and n + 1 (after the last)
-        slots = torch.arange(n + 2, device=device).expand(batch, heads, -1)
-        nxt, prv = (slots + 1).clone(), (slots - 1).clone()
-        values = layer.values[:, :, :n]
-        for step in range(order.shape[-1]):
-            j = order[..., step]  # (B, H), a slot 0..n-1
-            node = j + 1
-            r_node = nxt.gather(2, node[..., None])[..., 0]
-            p_node = prv.gather(2, node[..., None])[..., 0]
-            has_right = r_node <= n
-            r = (r_node - 1).clamp(max=n - 1)
-            a_j, a_r = abar.gather(2, j[..., None])[..., 0], abar.gather(2, r[..., None])[..., 0]
-            merge_into_right(values, j, r, a_j, a_r, has_right)
-            nxt.scatter_(2, p_node[..., None], r_node[..., None])
-            prv.scatter_(2, r_node[..., None], p_node[..., None])
+        """Apply the prompt's merges (slots are in position order at the prompt: a fresh cache)."""
+        values = layer.values[:, :, : layer.length]
+        values.copy_(replay_merges(values, self.average(layer), keep).to(values.dtype))

@@ -1,0 +1,25 @@
+"""scripts/gpu_check.py on the CPU: the same code on a narrow model, and a report that says it is a CPU run."""
+
+import json
+
+import torch
+
+from kvbench.methods import REGISTRY
+
+
+def test_gpu_check_runs_every_method_on_the_cpu_and_says_so(tmp_path):
+    from scripts.gpu_check import main
+
+    threads = torch.get_num_threads()
+    rc = main(["--device", "cpu", "--lengths", "48", "--steps", "2", "--out", str(tmp_path), "--hidden", "32",
+               "--intermediate", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2"])
+    torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0 and report["ok"] and report["run"].startswith("CPU run")
+    assert "CPU run" in (tmp_path / "gpu_check.md").read_text()
+    methods = {row["method"] for row in report["rows"]}
+    assert set(REGISTRY) <= methods and "sdpa-full (transformers)" in methods
+    for row in report["rows"]:
+        assert row["finite"] and "error" not in row, row
+        if row["method"] in REGISTRY:  # a budget above the prompt gives the full cache's tokens
+            assert row["same_tokens_above_budget"], row
