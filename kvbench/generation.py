@@ -24,7 +24,10 @@ class Generation:
     kv: dict = field(default_factory=dict)
 
     def record_fields(self) -> dict:
-        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept."""
+        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept.
+
+        The kv_* counts are the cache right after the prompt (prefill and its compression);
+        kv_decoded_tokens and kv_end_kept_tokens say what decoding added."""
         return {
             "n_prompt": self.prompt_tokens,
             "n_new": len(self.tokens[0]),
@@ -46,6 +49,15 @@ def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_ke
     return out.logits
 
 
+def decode_kv(prompt: dict, end: dict) -> dict:
+    """What decoding added: tokens decoded into the cache (per sequence) and every head's cache at the end."""
+    slots = sum(len(row) for row in prompt["kv_kept_per_layer_head"]) or 1
+    return {
+        "kv_decoded_tokens": (end["kv_full_tokens"] - prompt["kv_full_tokens"]) // slots,
+        "kv_end_kept_tokens": end["kv_kept_tokens"],
+    }
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -65,6 +77,7 @@ def generate(
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
     logits = forward(model, cache, input_ids)[:, -1]
+    prompt_kv = cache.kv_summary()  # the prompt alone, as the method left it: what kv_ratio is about
     cache.phase = "decode"
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -80,7 +93,7 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = forward(model, cache, next_token[:, None])[:, -1]
-    kv = cache.kv_summary()
+    kv = {**prompt_kv, **decode_kv(prompt_kv, cache.kv_summary())}
     return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv)
 
 
