@@ -120,7 +120,7 @@ PAPER_TABLES = {
         columns={str(b): {"budget": f"tokens{b}"} for b in HEADKV_BUDGETS},
         passes=[[], ["method=snapkv", "method.window=8"], ["method=headkv", "method.variant=r"]],
         smoke={"model": {"llama3-8b-instruct": "tiny"},
-               "method": {ours: f"{ours}-qa6" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
+               "method": {ours: f"{ours}-smoke" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
                "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
     ),
     "streamingllm_sinks": PaperTable(  # arXiv 2309.17453, attention-sink ablation

@@ -81,7 +81,7 @@ def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
                                            "budget.tokens=32", "task.limit=2", f"paths.results={tmp_path}"])
     assert cfg.method.head_scores == "tests/fixtures/head_scores/tiny_r2.json"
     folder = execute(cfg)
-    assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2-qa6", "tokens32")
+    assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2-smoke", "tokens32")
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
     assert frame.loc["HeadKV-R2", ("128", "paper")] == 32.00  # the paper's KV size 128 <- our smoke 32
     assert not pd.isna(frame.loc["HeadKV-R2", ("128", "ours")]) and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])

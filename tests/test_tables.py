@@ -157,3 +157,21 @@ def test_plot_ratio_budgets(tmp_path):
     assert fig.axes[0].get_xlabel() == "prompt tokens kept per head (mean, meta.json)"
     lines = _lines_by_label(fig)
     assert list(lines["vatp"][0][1].get_xdata()) == [100.0, 200.0] and list(lines["snapkv"][0][1].get_xdata()) == [60]
+
+
+def test_an_ad_hoc_sweep_table_is_named_after_its_sweep(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from kvbench.run import SweepTableCallback
+
+    runs = [fake_run(tmp_path, "tiny", "passkey", "full", "full", {"passkey": 100.0}),
+            fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 50.0}, 64)]
+    for stamp, listed in (("03-04-05", runs), ("03-09-00", runs[:1])):
+        sweep = tmp_path / "multirun" / "2026-01-02" / stamp
+        sweep.mkdir(parents=True)
+        (sweep / "runs.txt").write_text("".join(f"{r}\n" for r in listed))
+        SweepTableCallback(str(tmp_path), None).on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    first = pd.read_csv(tmp_path / "tables" / "sweep-2026-01-02-03-04-05_retrieval.csv")
+    second = pd.read_csv(tmp_path / "tables" / "sweep-2026-01-02-03-09-00_retrieval.csv")
+    assert len(first) == 2 and len(second) == 1  # the second sweep did not overwrite the first's table
+    assert "sweep-2026-01-02-03-04-05_retrieval.md" in capsys.readouterr().out
