@@ -63,7 +63,8 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
     colours = method_colours(compressed["series"])
     ref_styles = {s: REFERENCE_STYLES[i % 3] for i, s in enumerate(sorted(set(refs["series"]), key=natural_key))}
     several_models = long["model"].nunique() > 1
-    panels = sorted({(m, s) for m, s in zip(long["model"], long["subtask"])}, key=lambda p: (natural_key(p[1]), p[0]))
+    panels = list(dict.fromkeys(zip(long["family"], long["subtask"], long["model"])))  # LongBench: the papers' order
+    panels = [(m, s) for f, s, m in sorted(panels, key=lambda p: (p[0], natural_key(p[1]) if p[0] == "ppl" else (), p[2]))]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (model, subtask) in zip(axes[0], panels):
         panel = long[(long["model"] == model) & (long["subtask"] == subtask)]
