@@ -83,8 +83,9 @@ def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
     folder = execute(cfg)
     assert folder.parts[-4:] == ("tiny", "longbench", "headkv-r2-smoke", "tokens32")
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
-    assert frame.loc["HeadKV-R2", ("128", "paper")] == 32.00  # the paper's KV size 128 <- our smoke 32
-    assert not pd.isna(frame.loc["HeadKV-R2", ("128", "ours")]) and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
+    # the paper's KV size 128 <- our smoke 32; smoke scores are not comparable, so no paper column
+    assert list(frame.columns.get_level_values(1).unique()) == ["ours"]
+    assert frame.loc["HeadKV-R2", ("128", "ours")] > 0 and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
 
 
 def test_longbench_smoke_experiments_share_a_results_folder(tmp_path):
