@@ -12,8 +12,12 @@ keys, then value columns; a `# source:` first line cites the paper). A
 (model, task, method, budget: the folder under results/runs/) and the score
 column (`subtask`, or `AVG` for the run's average). At smoke scale, `smoke`
 substitutes labels (the tiny model, synthetic text, smaller budgets): the
-table keeps the paper's rows and columns, but its numbers are not comparable.
-Writes `results/tables/<experiment>.{md,csv,tex}` (`<experiment>_smoke.*` at smoke scale).
+table keeps the paper's rows and columns, but its numbers are not comparable: a smoke table has
+our numbers only (no paper, no Δ column).
+Writes `results/tables/<experiment>.{md,csv,tex}` (`<experiment>_smoke.*` at smoke scale): the
+csv is plain (`pd.read_csv` reads it); notes (scale, cells several runs could fill) head the md
+and go to `<name>.notes.txt`. Each sweep pass writes its own run table,
+`<experiment>_runs[_<pass>]_<family>.*`.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from kvbench.tables import collect, find_runs
 AVG = "__avg__"  # a cell that is the mean of a run's sub-task scores
 KINDS = ("paper", "ours", "Δ")
 SCALES = ("full", "smoke", "cpu")  # cpu: SmolLM2-135M on real text, claim rows (kvbench/claims.py)
-SMOKE_NOTE = ("SMOKE SCALE: 'ours' comes from the tiny model (trained on synthetic data) on bundled or synthetic data; "
-              "it checks the pipeline and is not comparable with the paper.")
+SMOKE_NOTE = ("SMOKE SCALE: these numbers come from the tiny model (trained on synthetic data) on bundled or synthetic "
+              "data; they check the pipeline and are not comparable with the paper (so no paper or Δ columns).")
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ PAPER_TABLES = {
                 "query heads x C tokens x (K, V) x 128 x 2 bytes (fp16) = C/2 MiB per sequence plus decoded tokens, "
                 "4x the per-KV-head layout (C/8 MiB); each run's bytes: meta.json kv.kv_kept_bytes."),
         smoke={"model": {"llama3-8b-instruct": "tiny"},
-               "method": {ours: f"{ours}-qa6" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
+               "method": {ours: f"{ours}-smoke" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
                "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
     ),
     "streamingllm_sinks": PaperTable(  # arXiv 2309.17453, attention-sink ablation
@@ -140,7 +144,20 @@ def paper_frame(table: PaperTable, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
     return frame.set_index(table.index)
 
 
-def our_value(long: pd.DataFrame, labels: dict | None) -> float | None:
+def _one_run(rows: pd.DataFrame, notes: list[str], where: str) -> pd.DataFrame:
+    """The rows of one run: the newest when several runs carry the cell's labels (noted with their settings)."""
+    runs = list(dict.fromkeys(rows["run"]))
+    if len(runs) == 1:
+        return rows
+    newest = max(runs, key=lambda run: (Path(run) / "scores.json").stat().st_mtime)
+    settings = " | ".join(sorted(set(rows["settings"]) - {""})) or ", ".join(Path(r).name for r in runs)
+    note = f"{where}: {len(runs)} runs carry these labels ({settings}); the newest is shown ({newest})"
+    if note not in notes:
+        notes.append(note)
+    return rows[rows["run"] == newest]
+
+
+def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> float | None:
     """The score of the run the labels name (the mean of its sub-tasks for AVG), or None if not on disk."""
     if labels is None or long.empty:
         return None
@@ -150,7 +167,8 @@ def our_value(long: pd.DataFrame, labels: dict | None) -> float | None:
         rows = rows[rows["budget"] == labels["budget"]]
     if rows.empty:
         return None
-    rows = rows[rows["run"] == rows["run"].iloc[-1]]  # one run
+    where = "/".join(str(labels[k]) for k in ("model", "task", "method") if k in labels)
+    rows = _one_run(rows, notes if notes is not None else [], where)
     if labels["subtask"] == AVG:
         return round(float(rows["score"].mean()), 2)
     hit = rows[rows["subtask"] == labels["subtask"]]
@@ -158,32 +176,51 @@ def our_value(long: pd.DataFrame, labels: dict | None) -> float | None:
 
 
 def compare(table: PaperTable, long: pd.DataFrame, scale: str = "full", paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
-    """The paper's rows; for each of its columns, (column, paper), (column, ours), (column, Δ)."""
+    """The paper's rows; for each of its columns, (column, paper), (column, ours), (column, Δ).
+
+    At smoke scale only (column, ours): those numbers are not comparable with the paper's.
+    `frame.attrs["notes"]` lists cells that several runs could fill (the newest is used)."""
     paper = paper_frame(table, paper_dir)
-    out = {}
+    out, notes = {}, []
     for column in paper.columns:
-        ours = [our_value(long, table.labels(key, column, scale)) for key in paper.index]
+        ours = [our_value(long, table.labels(key, column, scale), notes) for key in paper.index]
         theirs = [None if pd.isna(v) else float(v) for v in paper[column]]
-        out[(column, "paper")] = theirs
+        if scale != "smoke":
+            out[(column, "paper")] = theirs
         out[(column, "ours")] = ours
-        out[(column, "Δ")] = [None if o is None or p is None else round(o - p, 2) for o, p in zip(ours, theirs)]
+        if scale != "smoke":
+            out[(column, "Δ")] = [None if o is None or p is None else round(o - p, 2) for o, p in zip(ours, theirs)]
     frame = pd.DataFrame(out, index=paper.index).astype("float64")
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    frame.attrs["notes"] = notes
     return frame
 
 
 def write(frame: pd.DataFrame, out_dir: Path, name: str, note: str) -> dict[str, Path]:
+    """md (notes on top), a plain csv (`pd.read_csv` reads it), tex, and `<name>.notes.txt` with the notes."""
+    kinds = set(frame.columns.get_level_values(1))
     flat = frame.copy()
-    flat.columns = [f"{column} {kind}" for column, kind in frame.columns]
+    flat.columns = [column if len(kinds) == 1 else f"{column} {kind}" for column, kind in frame.columns]
     flat = flat.reset_index().astype(object)
     flat = flat.where(flat.notna(), None)  # blank cells, not "nan"
+    notes = [note, *frame.attrs.get("notes", [])]
     paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("md", "csv", "tex")}
+    paths["notes"] = Path(out_dir) / f"{name}.notes.txt"
     md = flat.to_markdown(index=False, floatfmt=".2f", missingval="")
-    atomic_write_text(paths["md"], f"{note}\n\n{md}\n")
-    atomic_write_text(paths["csv"], f"# {note}\n{flat.to_csv(index=False)}")
-    tex = frame.to_latex(float_format="%.2f", na_rep="--", multicolumn_format="c")
-    atomic_write_text(paths["tex"], f"% {note}\n{tex}")
+    atomic_write_text(paths["md"], "\n\n".join(notes) + f"\n\n{md}\n")
+    atomic_write_text(paths["csv"], flat.to_csv(index=False))
+    atomic_write_text(paths["notes"], "\n".join(notes) + "\n")
+    tex = (frame if len(kinds) > 1 else frame.droplevel(1, axis=1)).to_latex(
+        float_format="%.2f", na_rep="", multicolumn_format="c")
+    atomic_write_text(paths["tex"], "".join(f"% {line}\n" for line in notes) + tex)
     return paths
+
+
+def pass_table_name(experiment: str, overrides: list[str]) -> str:
+    """`<experiment>_runs` for the main sweep, `<experiment>_runs_<what the pass changes>` for the others."""
+    parts = [value if "." not in key else f"{key.rsplit('.', 1)[1]}{value}"
+             for key, _, value in (o.partition("=") for o in overrides)]
+    return "_".join([f"{experiment}_runs", *(["-".join(parts)] if parts else [])])
 
 
 def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) -> None:
@@ -191,7 +228,7 @@ def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) ->
     experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
     for overrides in table.passes:
         cmd = [sys.executable, "-m", "kvbench.run", "-m", f"experiment={experiment}", f"paths.results={results}",
-               f"hydra.callbacks.sweep_table.table_name={experiment}_runs", *overrides, *extra]
+               f"hydra.callbacks.sweep_table.table_name={pass_table_name(experiment, overrides)}", *overrides, *extra]
         print("+ python -m kvbench.run " + " ".join(cmd[3:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
@@ -252,7 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default="results")
     parser.add_argument("--no-run", dest="run", action="store_false", help="only rebuild the table from runs on disk")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the sweep (e.g. task.limit=20)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         frame, paths = reproduce(args.experiment, args.scale or "full", args.results, args.run, args.overrides)
     except KVBenchError as err:

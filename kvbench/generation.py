@@ -25,7 +25,10 @@ class Generation:
     prefill_seconds: float = 0.0  # the prompt's forward pass and its compression (up to the first token's logits)
 
     def record_fields(self) -> dict:
-        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept."""
+        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept.
+
+        The kv_* counts are the cache right after the prompt (prefill and its compression);
+        kv_decoded_tokens and kv_end_kept_tokens say what decoding added."""
         return {
             "n_prompt": self.prompt_tokens,
             "n_new": len(self.tokens[0]),
@@ -46,6 +49,15 @@ def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_ke
         logits_to_keep=logits_to_keep,
     )
     return out.logits
+
+
+def decode_kv(prompt: dict, end: dict) -> dict:
+    """What decoding added: tokens decoded into the cache (per sequence) and every head's cache at the end."""
+    slots = sum(len(row) for row in prompt["kv_kept_per_layer_head"]) or 1
+    return {
+        "kv_decoded_tokens": (end["kv_full_tokens"] - prompt["kv_full_tokens"]) // slots,
+        "kv_end_kept_tokens": end["kv_kept_tokens"],
+    }
 
 
 @torch.inference_mode()
@@ -70,6 +82,7 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     prefilled = time.perf_counter()
+    prompt_kv = cache.kv_summary()  # the prompt alone, as the method left it: what kv_ratio is about
     cache.phase = "decode"
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -85,7 +98,7 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = forward(model, cache, next_token[:, None])[:, -1]
-    kv = cache.kv_summary()
+    kv = {**prompt_kv, **decode_kv(prompt_kv, cache.kv_summary())}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return Generation(tokens=tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start, kv=kv,

@@ -6,7 +6,7 @@
 - `score_vs_budget`: each run's average score against its budget, one line per method
   (HeadKV / KVCache-Factory, arXiv 2410.19258; the full cache as a dashed line);
 - `ppl_vs_cache`: perplexity against cache size per method (WeightedKV, arXiv 2503.01330; StreamingLLM);
-- `head_budget_heatmap`: tokens kept per layer and KV head (HeadKV's per-head budgets), from the
+- `head_budget_heatmap`: prompt tokens kept per layer and KV head (HeadKV's per-head budgets), from the
   `kv_kept_tokens_per_layer_head` of each run's meta.json (the mean over its samples);
 - `value_norms`: the per-layer distribution of value-vector ℓ1 norms with the attention-sink tokens
   marked (VATP's motivating figure, arXiv 2406.12335), from results/analysis/value_norms_*.json;
@@ -23,19 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.plots import budget_vs_score
-from kvbench.tables import collect, find_runs
+from kvbench.plots import _plt, budget_vs_score, method_colours
+from kvbench.tables import collect, find_runs, natural_key
 
 HEADWISE_FIRST = ("headkv", "ada_snapkv", "pyramidkv")  # methods whose budgets differ per head or layer
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, out: Path) -> Path:
@@ -49,17 +40,13 @@ def _runs(results) -> pd.DataFrame:
     return collect(find_runs(results))
 
 
-def _is_ppl(subtask) -> bool:
-    return str(subtask).startswith("ppl_")
-
-
 def score_vs_budget(results="results") -> Path | None:
-    """Each run's average over its sub-tasks against the budget (tokens), per (model, task), a line per method."""
+    """Each run's average over its sub-tasks against its budget, per (model, task), a line per method."""
     long = _runs(results)
-    long = long[~long["subtask"].map(_is_ppl)]
+    long = long[long["family"] != "ppl"]
     if long.empty:
         return None
-    keys = ["model", "task", "method", "budget", "budget_tokens", "run"]
+    keys = [c for c in long.columns if c not in ("subtask", "score")]
     avg = long.groupby(keys, dropna=False, sort=False)["score"].mean().reset_index()
     avg["subtask"] = avg["model"] + " / " + avg["task"] + " (avg)"
     return budget_vs_score(avg, Path(results) / "plots" / "paper_score_vs_budget.png", title="score vs budget")
@@ -68,7 +55,7 @@ def score_vs_budget(results="results") -> Path | None:
 def ppl_vs_cache(results="results") -> Path | None:
     """Perplexity against cache size (tokens), one panel per perplexity task, a line per method."""
     long = _runs(results)
-    long = long[long["subtask"].map(_is_ppl)]
+    long = long[long["family"] == "ppl"]
     if long.empty:
         return None
     return budget_vs_score(long, Path(results) / "plots" / "paper_ppl_vs_cache.png", title="perplexity vs cache size")
@@ -81,9 +68,11 @@ def _kept_grid(folder: Path) -> list[list[float]] | None:
 
 
 def head_budget_heatmap(results="results", max_runs: int = 4) -> Path | None:
-    """Tokens kept per layer (rows) and KV head (columns): HeadKV's runs first, else any compressed run."""
+    """Prompt tokens kept per layer (rows) and KV head (columns): HeadKV's runs first, else any compressed run.
+
+    meta.json counts the prompt alone (the cache right after prefill), so decoded tokens never add to a head."""
     long = _runs(results).drop_duplicates("run")
-    long = long[long["method"] != "full"]
+    long = long[~long["reference"]]
     rank = long["method"].map(lambda m: next((i for i, p in enumerate(HEADWISE_FIRST) if m.startswith(p)), 9))
     picked = []
     for _, row in long.assign(rank=rank).sort_values(["rank", "budget_tokens"]).iterrows():
@@ -103,7 +92,7 @@ def head_budget_heatmap(results="results", max_runs: int = 4) -> Path | None:
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=8)
-        fig.colorbar(image, ax=ax, label="tokens kept (mean over samples)")
+        fig.colorbar(image, ax=ax, label="prompt tokens kept (mean over samples)")
     fig.tight_layout()
     return _save(fig, Path(results) / "plots" / "paper_head_budgets.png")
 
@@ -145,10 +134,12 @@ def ppl_over_position(results="results") -> Path | None:
     if not curves:
         return None
     plt = _plt()
+    colours = method_colours(label for lines in curves.values() for label, _ in lines)  # the same in every panel
     fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.4), squeeze=False)
-    for ax, ((model, task), lines) in zip(axes[0], sorted(curves.items())):
-        for label, buckets in sorted(lines, key=lambda line: line[0]):
-            ax.plot(buckets["start"], [math.exp(x) for x in buckets["mean_nll"]], label=label, linewidth=1)
+    for ax, ((model, task), lines) in zip(axes[0], sorted(curves.items(), key=lambda c: natural_key(c[0][1]))):
+        for label, buckets in sorted(lines, key=lambda line: natural_key(line[0])):
+            ax.plot(buckets["start"], [math.exp(x) for x in buckets["mean_nll"]], label=label, linewidth=1,
+                    color=colours[label])
         ax.set_yscale("log")
         ax.set_xlabel("token position")
         ax.set_ylabel("perplexity")

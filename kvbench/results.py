@@ -207,10 +207,17 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def kv_meta(records: list[dict]) -> dict:
-    """KV tokens/bytes kept vs a full cache, summed over samples, and the kept fraction per layer and head."""
-    sums = {k: sum(r.get(k, 0) for r in records) for k in ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes")}
+    """KV kept vs a full cache over the prompt, summed over samples, and the tokens decoded apart.
+
+    kv_kept_tokens / kv_full_tokens / bytes, kv_ratio and the per-(layer, head) grids count the
+    prompt alone (the cache right after prefill and its compression), so a head's budget is not
+    inflated by the answer; kv_decoded_tokens sums the tokens decoded into the cache (per sequence)
+    and kv_end_kept_tokens the cache at the end of generation (over every layer and head)."""
+    keys = ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes", "kv_decoded_tokens", "kv_end_kept_tokens")
+    sums = {k: sum(r.get(k, 0) for r in records) for k in keys}
     sums["kv_ratio"] = round(sums["kv_kept_bytes"] / sums["kv_full_bytes"], 6) if sums["kv_full_bytes"] else None
-    fractions, grids = [], []  # per record: kept / seen tokens of each (layer, head); every head sees the same tokens
+    sums["kv_prompt_only"] = all("kv_decoded_tokens" in r for r in records if "kv_kept_tokens" in r)  # older records: no
+    fractions, grids = [], []  # per record: kept / prompt tokens of each (layer, head); every head sees the prompt
     for record in records:
         grid = record.get("kv_kept_per_layer_head")
         if grid:

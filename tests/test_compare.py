@@ -44,7 +44,7 @@ def test_average_cells_full_rows_and_smoke_substitutions(tmp_path):
     vatp = compare(PAPER_TABLES["vatp_longbench"], long, scale="smoke")
     row = ("LLaMA2-7B-chat", "H2O+VATP")
     assert vatp.loc[row, ("trec", "ours")] == 30.0 and vatp.loc[row, ("Avg", "ours")] == 20.0
-    assert pd.isna(vatp.loc[row, ("trec", "paper")]) and pd.isna(vatp.loc[row, ("trec", "Δ")])  # not in the spec
+    assert set(vatp.columns.get_level_values(1)) == {"ours"}  # smoke: not comparable, so no paper and no Δ
     assert vatp.loc[("Vicuna-v1.5-7B-16k", "H2O+VATP")].isna().all()
     headkv = compare(PAPER_TABLES["headkv_longbench"], long)
     assert headkv.loc["FullKV", ("128", "ours")] == 35.0 and headkv.loc["FullKV", ("128", "Δ")] == 2.1
@@ -56,9 +56,11 @@ def test_written_tables_and_one_line_errors(tmp_path, capsys):
     assert main(["streamingllm_sinks", "--no-run", "--results", str(tmp_path)]) == 0
     md = (tmp_path / "tables" / "streamingllm_sinks.md").read_text()
     assert "PPL paper" in md and "PPL ours" in md and "nan" not in md
-    csv = pd.read_csv(tmp_path / "tables" / "streamingllm_sinks.csv", comment="#")
+    csv = pd.read_csv(tmp_path / "tables" / "streamingllm_sinks.csv")  # no comment line: notes go elsewhere
     assert list(csv.columns) == ["sinks+window", "PPL paper", "PPL ours", "PPL Δ"]
+    assert csv.loc[csv["sinks+window"] == "4+4092", "PPL ours"].tolist() == [9.70]
     assert "\\begin{tabular}" in (tmp_path / "tables" / "streamingllm_sinks.tex").read_text()
+    assert "Δ = ours − paper" in (tmp_path / "tables" / "streamingllm_sinks.notes.txt").read_text()
     capsys.readouterr()
     assert main(["demo", "--no-run", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -79,10 +81,11 @@ def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
                                            "budget.tokens=32", "task.limit=2", f"paths.results={tmp_path}"])
     assert cfg.method.head_scores == "tests/fixtures/head_scores/tiny_r2.json"
     folder = execute(cfg)
-    assert folder.parts[-4:-1] == ("tiny", "longbench", "headkv-r2-expand-qa6") and folder.name.startswith("tokens32-")  # per query head
+    assert folder.parts[-4:-1] == ("tiny", "longbench", "headkv-r2-expand-smoke") and folder.name.startswith("tokens32-")  # per query head
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
-    assert frame.loc["HeadKV-R2", ("128", "paper")] == 32.00  # the paper's KV size 128 <- our smoke 32
-    assert not pd.isna(frame.loc["HeadKV-R2", ("128", "ours")]) and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
+    # the paper's KV size 128 <- our smoke 32; smoke scores are not comparable, so no paper column
+    assert list(frame.columns.get_level_values(1).unique()) == ["ours"]
+    assert frame.loc["HeadKV-R2", ("128", "ours")] > 0 and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
 
 
 def test_longbench_smoke_experiments_share_a_results_folder(tmp_path):
@@ -100,3 +103,37 @@ def test_longbench_smoke_experiments_share_a_results_folder(tmp_path):
                                                f"paths.results={tmp_path}"])
             folders.append(execute(cfg))
     assert folders[0] != folders[1]
+
+
+def test_smoke_table_has_our_numbers_only_and_reads_back(tmp_path):
+    fake_run(tmp_path, "tiny", "ppl_synthetic", "streamingllm-sink4", "tokens32", {"ppl_synthetic": 9.5})
+    assert main(["streamingllm_sinks", "--no-run", "--scale", "smoke", "--results", str(tmp_path)]) == 0
+    csv = pd.read_csv(tmp_path / "tables" / "streamingllm_sinks_smoke.csv")
+    assert list(csv.columns) == ["sinks+window", "PPL"] and csv["PPL"].tolist()[2] == 9.5
+    md = (tmp_path / "tables" / "streamingllm_sinks_smoke.md").read_text()
+    assert md.startswith("SMOKE SCALE") and "nan" not in md and "Δ" not in md.split("\n\n", 1)[1]
+    assert "not comparable" in (tmp_path / "tables" / "streamingllm_sinks_smoke.notes.txt").read_text()
+
+
+def test_several_runs_for_one_cell_are_noted(tmp_path):
+    import os
+
+    from kvbench.tables import collect, find_runs
+
+    old = fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.0},
+                   folder_name="tokens4096-aaaa", task_cfg={"num_tokens": 4096})
+    fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.7},
+             folder_name="tokens4096-bbbb", task_cfg={"num_tokens": 8192})
+    os.utime(old / "scores.json", (1, 1))
+    frame = compare(PAPER_TABLES["streamingllm_sinks"], collect(find_runs(tmp_path)))
+    assert frame.loc["4+4092", ("PPL", "ours")] == 9.7  # the newest
+    (note,) = frame.attrs["notes"]
+    assert "2 runs" in note and "task.num_tokens=4096 | task.num_tokens=8192" in note
+
+
+def test_each_sweep_pass_writes_its_own_table():
+    from kvbench.compare import pass_table_name
+
+    names = [pass_table_name("headkv_longbench_smoke", p) for p in PAPER_TABLES["headkv_longbench"].passes]
+    assert names == ["headkv_longbench_smoke_runs", "headkv_longbench_smoke_runs_snapkv-window8",
+                     "headkv_longbench_smoke_runs_headkv-variantr"]

@@ -185,14 +185,16 @@ def test_ratio_budget_and_accounting(tiny_gqa):
     model, _ = tiny_gqa
     ids = prompt_ids(41, seed=6)
     out = generate(model, ids, build({"name": "streamingllm"}), Budget(ratio=0.5), max_new_tokens=5, stop_token_ids=[])
-    kept = 20 + len(out.tokens[0]) - 1  # floor(0.5 * 41) after the prompt, then decoded tokens appended
-    seen = 41 + len(out.tokens[0]) - 1
+    kept = 20  # floor(0.5 * 41) of the prompt; the kv_* counts are the prompt's, decoded tokens apart
+    decoded = len(out.tokens[0]) - 1  # the last generated token is never fed back
     heads, layers = model.config.num_key_value_heads, model.config.num_hidden_layers
     assert out.kv["kv_kept_tokens"] == kept * heads * layers
-    assert out.kv["kv_full_tokens"] == seen * heads * layers
+    assert out.kv["kv_full_tokens"] == 41 * heads * layers
     assert out.kv["kv_kept_per_layer_head"] == [[kept] * heads] * layers
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     assert out.kv["kv_kept_bytes"] == kept * heads * layers * 2 * head_dim * 4
+    assert out.kv["kv_decoded_tokens"] == decoded
+    assert out.kv["kv_end_kept_tokens"] == (kept + decoded) * heads * layers
 
 
 def test_batch_of_equal_length_prompts_matches_single(tiny_gqa):

@@ -300,11 +300,12 @@ def test_headkv_generation_stores_the_sum_of_caps(tmp_path, tiny_gqa):
     caps = headkv_caps(importance.double(), cfg.num_key_value_heads, 40 - 8, 1.2)
     n_new = len(gen.tokens[0])
     decoded = n_new - 1  # the last generated token is never fed back
-    expected = (caps + 8 + decoded).tolist()
-    assert gen.kv["kv_kept_per_layer_head"] == expected
+    assert gen.kv["kv_kept_per_layer_head"] == (caps + 8).tolist()  # the prompt: decoded tokens never count here
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    assert gen.kv["kv_kept_bytes"] == int((caps + 8 + decoded).sum()) * 2 * head_dim * 4
-    assert gen.kv["kv_full_tokens"] == cfg.num_hidden_layers * cfg.num_key_value_heads * (120 + decoded)
+    assert gen.kv["kv_kept_bytes"] == int((caps + 8).sum()) * 2 * head_dim * 4
+    assert gen.kv["kv_full_tokens"] == cfg.num_hidden_layers * cfg.num_key_value_heads * 120
+    assert gen.kv["kv_decoded_tokens"] == decoded
+    assert gen.kv["kv_end_kept_tokens"] == int((caps + 8 + decoded).sum())
 
 
 def test_budget_above_prompt_equals_full(tiny_gqa):
@@ -338,20 +339,20 @@ def test_headkv_runs_passkey_and_longbench_from_the_config(tmp_path, tiny_gqa):
     folder = run(tmp_path, "model=tiny-random", "method=headkv", "budget.tokens=64", "task.num_samples=2",
                  "task.context_tokens=300")
     assert folder.parts[-2] == "headkv-r2"
-    # meta.json: bytes stored = sum of the heads' caps (+ decoded tokens) x bytes per token, and the ratio
+    # meta.json: prompt bytes stored = sum of the heads' caps x bytes per token, and the ratio over the prompt;
+    # the decoded tokens are counted apart (they never inflate a head's budget)
     caps = headkv_caps(importance.double(), cfg.num_key_value_heads, 64 - 8, 1.005) + 8
     records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     per_token = 2 * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    expected_bytes = 0
     for record in records:
-        grid = torch.tensor(record["kv_kept_per_layer_head"])
-        decoded = int((grid - caps)[0, 0])
-        assert decoded >= 0 and torch.equal(grid, caps + decoded)
-        expected_bytes += int(grid.sum()) * per_token
+        assert torch.equal(torch.tensor(record["kv_kept_per_layer_head"]), caps)
+        assert record["kv_decoded_tokens"] == record["n_new"] - 1
     kv = json.loads((folder / "meta.json").read_text())["kv"]
-    assert kv["kv_kept_bytes"] == expected_bytes
-    assert kv["kv_ratio"] == round(expected_bytes / kv["kv_full_bytes"], 6) and kv["kv_ratio"] < 0.3
-    assert len(kv["kv_kept_tokens_per_layer_head"]) == cfg.num_hidden_layers
+    assert kv["kv_kept_bytes"] == int(caps.sum()) * per_token * len(records)
+    prompt_bytes = sum(r["n_prompt"] for r in records) * caps.numel() * per_token
+    assert kv["kv_ratio"] == round(kv["kv_kept_bytes"] / prompt_bytes, 6) and kv["kv_ratio"] < 0.3
+    assert kv["kv_kept_tokens_per_layer_head"] == caps.tolist() and kv["kv_prompt_only"]
+    assert kv["kv_decoded_tokens"] == sum(r["n_new"] - 1 for r in records)
     folder = run(tmp_path, "model=tiny-random", "method=headkv", "budget.tokens=64", "task=longbench",
                  f"task.data_dir={FIXTURES}",
                  "task.limit=1", "model.max_prompt_tokens=512")

@@ -213,7 +213,7 @@ def run_longbench(tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_all_16_tasks_run_and_tabulate(tmp_path):
-    from kvbench.tables import build_table
+    from kvbench.tables import build_tables
 
     folder = run_longbench(tmp_path, "method=full")
     scores = json.loads((folder / "scores.json").read_text())
@@ -224,8 +224,8 @@ def test_all_16_tasks_run_and_tabulate(tmp_path):
     assert all(0.0 <= r["score"] <= 1.0 for r in records)
     # any engine method runs the same way
     run_longbench(tmp_path, "method=snapkv", "budget.tokens=64")
-    table, paths = build_table(tmp_path, "longbench")
-    assert list(table.columns) == TASKS + ["Avg"]
+    table, paths = build_tables(tmp_path, "longbench")["longbench"]
+    assert list(table.columns) == TASKS + ["Avg", "n"] and list(table["n"]) == [32, 32]
     assert [r[1] for r in table.index] == ["full", "snapkv"]
     assert paths["md"].read_text().count("\n") == 4
 

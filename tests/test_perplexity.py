@@ -123,7 +123,7 @@ def test_end_to_end_batched_run_and_table(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from kvbench.run import CONFIG_DIR, execute
-    from kvbench.tables import build_table
+    from kvbench.tables import build_tables
 
     (tmp_path / "books.jsonl").write_text("\n".join(json.dumps({"text": f"Chapter {i}. " + "the river runs on " * 30}) for i in range(4)))
     overrides = ["logger=none", f"paths.results={tmp_path}", "task=ppl_pg19", f"task.source={tmp_path / 'books.jsonl'}",
@@ -142,8 +142,8 @@ def test_end_to_end_batched_run_and_table(tmp_path):
     curve = scores["nll_by_position"]  # the pooled PPL is exp of the count-weighted mean of the buckets
     mean = sum(m * c for m, c in zip(curve["mean_nll"], curve["count"])) / sum(curve["count"])
     assert sum(curve["count"]) == 4 * 95 and math.exp(mean) == pytest.approx(pooled, rel=1e-3)
-    table, _ = build_table(tmp_path, "ppl")
-    assert list(table.columns) == ["ppl_books", "Avg"] and len(table) == 2
+    table, _ = build_tables(tmp_path, "ppl")["ppl"]
+    assert list(table.columns) == ["ppl_books", "n"] and len(table) == 2  # no Avg over perplexities
     assert full.name.startswith("full-")
 
 

@@ -84,8 +84,8 @@ def test_run_folder_files_and_meta(tmp_path):
     assert meta["memory"]["peak_memory_bytes"] > 0
     assert 0 < meta["kv"]["kv_ratio"] < 1
     records = read_jsonl(folder / "predictions.jsonl")
-    expected = sum((32 + r["n_new"] - 1) / (r["n_prompt"] + r["n_new"] - 1) for r in records) / len(records)
-    grid = meta["kv"]["kv_kept_fraction_per_layer_head"]  # StreamingLLM keeps 32 + decoded tokens in every head
+    expected = sum(32 / r["n_prompt"] for r in records) / len(records)
+    grid = meta["kv"]["kv_kept_fraction_per_layer_head"]  # StreamingLLM keeps 32 of the prompt in every head
     assert all(cell == pytest.approx(expected, abs=1e-4) for row in grid for cell in row)
     assert meta["command"].startswith("python -m kvbench.run")
     scores = json.loads((folder / "scores.json").read_text())
