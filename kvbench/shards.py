@@ -4,7 +4,7 @@ Shard i evaluates samples i, i+N, i+2N, ... of the task's fixed sample order (af
 so the shards of a rerun hold the same samples. Its records go to `predictions.<i>-of-<N>.jsonl`
 in the run folder and its meta to `meta.<i>-of-<N>.json`; `kvbench.merge` joins them when the
 last shard is done. Sharding never changes what a run computes, so it is not part of the run's
-identity (folder name, fingerprint): an unsharded run and its shards share one folder.
+identity (folder name, run id): an unsharded run and its shards share one folder.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kvbench.results import atomic_write_text, fingerprint
+from kvbench.identity import hashed_settings
+from kvbench.results import atomic_write_text
 
 INDEX = ["model", "method", "budget"]
 FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "longbench": "longbench", "perplexity": "ppl"}
@@ -86,7 +87,7 @@ def load_run(folder: Path) -> list[dict]:
         "settings": "",
         "kept_per_head": kept,
         "kv_ratio": ratio,
-        "_config": _flatten(fingerprint(cfg)),
+        "_config": _flatten(hashed_settings(cfg)),
     }
     return [{**base, "subtask": subtask, "score": value} for subtask, value in scores.get("scores", {}).items()]
 
@@ -113,7 +114,7 @@ def _label_settings(rows: list[dict]) -> None:
                     keys.add(key)
         for row in group:
             row["settings"] = ", ".join(f"{k}={row['_config'][k]}" for k in sorted(keys) if k in row["_config"])
-        seen: dict[tuple, set] = {}  # still twins (settings outside the fingerprint): name the folder
+        seen: dict[tuple, set] = {}  # still twins (settings outside the run id): name the folder
         for row in group:
             seen.setdefault((row["task"], row["subtask"], row["settings"]), set()).add(row["run"])
         for row in group:

@@ -57,8 +57,9 @@ def test_local_launcher_sweep_writes_what_the_basic_launcher_writes(tmp_path):
                           f"paths.results={tmp_path / launcher / 'results'}")
         assert out.returncode == 0, out.stderr[-3000:]
         runs = tmp_path / launcher / "results" / "runs"
-        tables[launcher] = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("scores.json"))
-        tables[launcher].append((tmp_path / launcher / "results" / "tables" / "sweep.md").read_text())
+        tables[launcher] = sorted(str(p.parent.relative_to(runs)).rsplit("-", 1)[0] for p in runs.rglob("scores.json"))
+        (table,) = (tmp_path / launcher / "results" / "tables").glob("sweep-*_retrieval.md")  # named after its sweep
+        tables[launcher].append(table.read_text())
     assert tables["local"] == tables["basic"]
     assert tables["local"][:2] == ["tiny/passkey/full/full", "tiny/passkey/streamingllm/tokens32"]
     assert list((tmp_path / "local").glob("multirun/*/*/.submitit"))  # it did go through submitit
@@ -68,6 +69,6 @@ def test_table_over_several_results_folders(tmp_path, capsys):
     fake_run(tmp_path / "a", "tiny", "passkey", "full", "full", {"passkey": 100.0})
     fake_run(tmp_path / "b", "tiny", "passkey", "h2o", "tokens64", {"passkey": 40.0}, 64)
     assert tables_main(["--results", str(tmp_path / "a"), str(tmp_path / "b"), "--name", "both"]) == 0
-    table = (tmp_path / "a" / "tables" / "both.md").read_text()
+    table = (tmp_path / "a" / "tables" / "both_retrieval.md").read_text()
     assert re.search(r"\| tiny +\| full +\| full +\| +100\.00", table)
     assert re.search(r"\| tiny +\| h2o +\| tokens64 +\| +40\.00", table)
