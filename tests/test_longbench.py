@@ -276,5 +276,5 @@ def test_a_subset_without_samples_is_one_error(tmp_path):
     (tmp_path / "trec.jsonl").write_text("")
     (tmp_path / "hotpotqa.jsonl").write_text((FIXTURES / "hotpotqa.jsonl").read_text())
     task = build({"name": "longbench", "data_dir": str(tmp_path), "subsets": ["hotpotqa", "trec"], "download": False})
-    with pytest.raises(KVBenchError, match="subset trec has no samples"):
+    with pytest.raises(KVBenchError, match="trec.jsonl: no samples"):
         task.samples()
