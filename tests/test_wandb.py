@@ -1,5 +1,7 @@
 """W&B: an offline run holds every key the dashboard reads; the dashboard script fails offline in one line."""
 
+import time
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -74,6 +76,7 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_killed_one_is_marked_failed
     (kept,) = (tmp_path / "runs").glob("*/*/*/*/wandb.json")
     run_id = json.loads(kept.read_text())["id"]
     monkeypatch.setattr(Passkey, "evaluate", original)
+    time.sleep(1.1)  # W&B names an offline session's folder by the second it started: keep the two apart
     execute(cfg)
     assert exit_codes == [1, 0]
     assert json.loads(kept.read_text())["id"] == run_id
