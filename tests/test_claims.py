@@ -1,10 +1,12 @@
 """CPU-scale pieces that need no model: claim rules, the prose haystack, the registry cache's errors."""
 
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import kvbench
 from kvbench import KVBenchError
 from kvbench.claims import MODEL, claim_table, write_claims
 from kvbench.registry_models import fetch
@@ -40,18 +42,27 @@ def test_write_claims(tmp_path):
     assert "| claim" in paths["md"].read_text()
 
 
-def test_prose_haystack_never_repeats_a_paragraph():
+def test_prose_haystack_never_repeats_a_paragraph(tmp_path, monkeypatch):
     class Words:  # a stand-in tokenizer: one token per word
         def __call__(self, text):
             return type("T", (), {"input_ids": text.split()})()
 
-    assert len(chapters()) == 12 and len(paragraphs()) > 500
-    pieces = prose_pieces(random.Random(3), Words(), 3000)
-    book = "".join(p + "\n" for p in paragraphs())
+    monkeypatch.setenv("KVBENCH_TEXTS", str(tmp_path))
+    with pytest.raises(KVBenchError, match="KVBENCH_TEXTS"):  # the book is not shipped: one error naming where
+        paragraphs.__wrapped__()
+    # a book of our own prose in the book's layout: 12 chapters of paragraphs
+    ours = [p for p in (Path(kvbench.__file__).parent / "assets" / "haystack.txt").read_text().split("\n\n") if p.strip()]
+    book_path = tmp_path / "book.txt"
+    book_path.write_text("OUR OWN PROSE\n\n" + "".join(f"CHAPTER {roman}.\n\n" + "\n\n".join(ours[i::12]) + "\n\n"
+                                 for i, roman in enumerate("I II III IV V VI VII VIII IX X XI XII".split())))
+    paras = paragraphs(book_path)
+    assert len(chapters(book_path)) == 12 and len(paras) > 12
+    pieces = prose_pieces(random.Random(3), Words(), 3000, book_path)
+    book = "".join(p + "\n" for p in paras)
     assert "".join(pieces) in book + book  # one run of consecutive paragraphs: each at most once
-    assert len(pieces) < len(paragraphs()) and 2900 < sum(len(p.split()) for p in pieces) <= 3000
+    assert len(pieces) < len(paras) and 2500 < sum(len(p.split()) for p in pieces) <= 3000
     with pytest.raises(KVBenchError, match="shorter than"):
-        prose_pieces(random.Random(3), Words(), 10**7)
+        prose_pieces(random.Random(3), Words(), 10**7, book_path)
 
 
 def test_uncached_registry_model_offline_is_one_clear_line(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import kvbench
 from kvbench import KVBenchError
 from kvbench.attention import install
 from kvbench.cache import Budget
@@ -21,10 +22,10 @@ from kvbench.models import load, wrap_chat
 from kvbench.registry_models import fetch, is_cached, model_folder
 from kvbench.run import CONFIG_DIR
 from kvbench.tasks.perplexity import stream_nll
-from kvbench.tasks.prose import chapters
 
 from .conftest import method_config
 
+PROSE = (Path(kvbench.__file__).parent / "assets" / "haystack.txt").read_text()  # our own English prose
 SPEC = yaml.safe_load((CONFIG_DIR / "model" / "smollm2-135m.yaml").read_text())
 QUESTIONS = [
     "What is the capital of France?",
@@ -93,7 +94,7 @@ def test_full_cache_equals_model_generate_on_ten_prompts(smollm2):
 
 def test_budget_above_the_prompt_equals_full(smollm2):
     model, tokenizer = smollm2
-    ids = tokenizer(chapters()[0][:800], return_tensors="pt").input_ids  # ~200 tokens of real text
+    ids = tokenizer(PROSE[:800], return_tensors="pt").input_ids  # ~200 tokens of real text
     full = generate(model, ids, build({"name": "full"}), None, max_new_tokens=6, stop_token_ids=[])
     for name in ("streamingllm", "h2o", "snapkv", "weightedkv"):
         cfg = method_config(CONFIG_DIR / "method" / f"{name}.yaml")
@@ -103,7 +104,7 @@ def test_budget_above_the_prompt_equals_full(smollm2):
 
 def test_full_cache_perplexity_equals_one_forward_pass(smollm2):
     model, tokenizer = smollm2
-    ids = tokenizer(chapters()[1], return_tensors="pt").input_ids[:, :96]
+    ids = tokenizer(PROSE[2000:6000], return_tensors="pt").input_ids[:, :96]
     streamed = stream_nll(model, build({"name": "full"}), None, ids)
     with torch.inference_mode():
         logits = model(ids).logits[0, :-1].float()
@@ -116,7 +117,7 @@ def test_bfloat16_compressed_run(smollm2):
     """The dtype path a GPU run takes: SnapKV and H2O compress and decode in bf16 (every method: test_engine)."""
     model, tokenizer = load(model_cfg("bfloat16"))
     assert next(model.parameters()).dtype == torch.bfloat16
-    ids = chat_ids(tokenizer, "What is the capital of France? " + chapters()[0][:600])
+    ids = chat_ids(tokenizer, "What is the capital of France? " + PROSE[:600])
     for cfg in ({"name": "snapkv"}, {"name": "h2o"}):
         out = generate(model, ids, build(cfg), Budget(tokens=64), max_new_tokens=4, stop_token_ids=[])
         assert len(out.tokens[0]) == 4 and out.kv["kv_kept_tokens"] < out.kv["kv_full_tokens"]
@@ -147,7 +148,7 @@ def test_headkv_runs_on_the_real_model_with_a_score_file(smollm2):
 
     model, tokenizer = smollm2
     assert (SHIPPED_SCORES / "smollm2-135m_r.json").exists() and (SHIPPED_SCORES / "smollm2-135m_r2.json").exists()
-    ids = tokenizer(chapters()[2][:1500], return_tensors="pt").input_ids
+    ids = tokenizer(PROSE[6000:7500], return_tensors="pt").input_ids
     # the config's default path (results/head_scores/smollm2-135m_r2.json) falls back to the shipped file
     cfg = {**method_config(CONFIG_DIR / "method" / "headkv.yaml"), "head_scores": "no/such/smollm2-135m_r2.json"}
     out = Generator(model, tokenizer, build(cfg), Budget(tokens=64))(ids, 4)

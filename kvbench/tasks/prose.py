@@ -1,12 +1,15 @@
-"""Real English prose shipped with kvbench: Lewis Carroll, *Alice's Adventures in Wonderland* (1865).
+"""Real English prose: Lewis Carroll, *Alice's Adventures in Wonderland* (1865).
 
 Public domain; the text of Project Gutenberg eBook #11 (Millennium Fulcrum Edition 3.0) without the
 Project Gutenberg header and licence (kvbench/assets/texts/README.md). Used as the needle haystack
-of the real-model demo (`task.filler=prose`) and as perplexity text (`task=ppl_alice`).
+of the real-model demo (`task.filler=prose`) and as perplexity text (`task=ppl_alice`). The file is
+not shipped yet (no registry package carries it): put it at `$KVBENCH_TEXTS/alice_in_wonderland.txt`
+(default `~/.cache/kvbench/texts/`); a missing file is one error naming that path.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from functools import lru_cache
@@ -14,29 +17,38 @@ from pathlib import Path
 
 from kvbench import KVBenchError
 
-TEXTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "texts"
-ALICE = TEXTS_DIR / "alice_in_wonderland.txt"
+ALICE_NAME = "alice_in_wonderland.txt"
+
+
+def alice_path() -> Path:
+    """Where the book is read from: $KVBENCH_TEXTS, else ~/.cache/kvbench/texts."""
+    folder = Path(os.environ.get("KVBENCH_TEXTS") or Path.home() / ".cache" / "kvbench" / "texts")
+    path = folder / ALICE_NAME
+    if not path.exists():
+        raise KVBenchError(f"{path} not found: save Project Gutenberg eBook #11 (plain text, header and licence "
+                           "removed) there, or set KVBENCH_TEXTS to the folder that holds it")
+    return path
 
 
 @lru_cache(maxsize=4)
-def paragraphs(path: Path = ALICE) -> tuple[str, ...]:
+def paragraphs(path: Path | None = None) -> tuple[str, ...]:
     """The text's paragraphs, hard line breaks joined, blank lines and `* * *` rules dropped."""
     out = []
-    for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
+    for block in re.split(r"\n\s*\n", (path or alice_path()).read_text(encoding="utf-8")):
         text = " ".join(line.strip() for line in block.splitlines()).strip()
         if text and text.strip("* "):
             out.append(text)
     return tuple(out)
 
 
-def chapters(path: Path = ALICE) -> list[str]:
+def chapters(path: Path | None = None) -> list[str]:
     """The text cut at its `CHAPTER` headings (each heading starts its chapter)."""
-    text = path.read_text(encoding="utf-8")
+    text = (path or alice_path()).read_text(encoding="utf-8")
     parts = re.split(r"\n(?=CHAPTER [IVXLC]+\.)", text)
     return [p.strip() for p in parts[1:]]
 
 
-def prose_pieces(rng: random.Random, tokenizer, room: int, path: Path = ALICE) -> list[str]:
+def prose_pieces(rng: random.Random, tokenizer, room: int, path: Path | None = None) -> list[str]:
     """Consecutive paragraphs (each ending in a newline) from a seeded start, as many as fit in `room`
     tokens (past the last paragraph it goes on from the first); each paragraph at most once, so no
     text repeats within one prompt."""
@@ -51,4 +63,4 @@ def prose_pieces(rng: random.Random, tokenizer, room: int, path: Path = ALICE) -
             return pieces
         pieces.append(piece)
         used += cost
-    raise KVBenchError(f"{path.name} is shorter than {room} tokens; lower task.context_tokens")
+    raise KVBenchError(f"{(path or alice_path()).name} is shorter than {room} tokens; lower task.context_tokens")
