@@ -173,34 +173,34 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
     stored = {**resolved, "run_id": identity, "run_settings": hashed_settings(resolved)}
     folder.path.mkdir(parents=True, exist_ok=True)  # only once everything above is valid
     lock = RunLock(folder.path / shard.lock_name).acquire()  # one writer per predictions file; released below
-    try:
+    try:  # everything up to the sample loop: an error here must not leave the lock held (the API's process lives on)
         folder.open(stored)
+        done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
+        done.update({r["id"]: r for r in folder.records()})
+        todo = [s for s in samples if s["id"] not in done]
+        resumed = len(samples) - len(todo)
+        if resumed:
+            log.info("%s: %d of %d samples already on disk, resuming", name, resumed, len(samples))
+
+        config_for_tracking = {
+            **stored,
+            "model_name": labels["model"],
+            "task_name": labels["task"],
+            "method_name": labels["method"],
+            "budget_label": labels["budget"],
+            "budget_tokens": budget.tokens if budget else None,
+            "budget_ratio": budget.ratio if budget else None,
+        }
+        tracker = Tracker(resolved.get("logger"), name, _group(resolved), config_for_tracking, list(labels.values()),
+                          run_folder=folder.path)
+        generator = Generator(
+            model, tokenizer, method, budget,
+            chat_format=resolved["model"].get("chat_format", "none"),
+            max_prompt_tokens=resolved["model"].get("max_prompt_tokens"),
+        )
     except BaseException:
         lock.release()
         raise
-    done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
-    done.update({r["id"]: r for r in folder.records()})
-    todo = [s for s in samples if s["id"] not in done]
-    resumed = len(samples) - len(todo)
-    if resumed:
-        log.info("%s: %d of %d samples already on disk, resuming", name, resumed, len(samples))
-
-    config_for_tracking = {
-        **stored,
-        "model_name": labels["model"],
-        "task_name": labels["task"],
-        "method_name": labels["method"],
-        "budget_label": labels["budget"],
-        "budget_tokens": budget.tokens if budget else None,
-        "budget_ratio": budget.ratio if budget else None,
-    }
-    tracker = Tracker(resolved.get("logger"), name, _group(resolved), config_for_tracking, list(labels.values()),
-                      run_folder=folder.path)
-    generator = Generator(
-        model, tokenizer, method, budget,
-        chat_format=resolved["model"].get("chat_format", "none"),
-        max_prompt_tokens=resolved["model"].get("max_prompt_tokens"),
-    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = datetime.now(UTC)

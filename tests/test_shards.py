@@ -204,3 +204,19 @@ def test_a_run_refused_for_other_settings_leaves_no_lock(tmp_path):
     with pytest.raises(KVBenchError, match="context_tokens"):
         execute(config(tmp_path, *ARGS, "task.num_samples=2"))
     assert not list(folder.glob(".lock*"))
+
+
+def test_an_error_before_the_sample_loop_releases_the_lock(tmp_path, monkeypatch):
+    # the Python API's process lives on after an error: a lock left behind would refuse its next call
+    import kvbench.run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generator failed")
+
+    monkeypatch.setattr(kvbench.run, "Generator", broken)
+    with pytest.raises(RuntimeError, match="generator failed"):
+        execute(config(tmp_path, *ARGS, "task.num_samples=1"))
+    folder = run_folder(tmp_path, *ARGS, "task.num_samples=1")
+    assert not list(folder.glob(".lock*"))
+    monkeypatch.undo()
+    assert (execute(config(tmp_path, *ARGS, "task.num_samples=1")) / "scores.json").exists()  # same process, again
