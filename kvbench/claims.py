@@ -59,7 +59,7 @@ def _fmt(values: dict[str, float | None]) -> str:
 
 # ----------------------------------------------------------------------------- per experiment
 
-SINK_TASK, SINK_BUDGET = "ppl_alice", "tokens32"
+SINK_TASK, SINK_BUDGET = "ppl_prose", "tokens32"
 FAR_WORSE = 2.0  # "far worse": at least twice the perplexity (the paper: 5158 vs 9.59)
 
 
@@ -75,7 +75,7 @@ def streamingllm_sinks(long: pd.DataFrame) -> list[Claim]:
     ]
 
 
-WKV_TASK, WKV_CACHES = "ppl_alice_w256", ("tokens32", "tokens64")
+WKV_TASK, WKV_CACHES = "ppl_prose_w256", ("tokens32", "tokens64")
 
 
 def weightedkv_ppl(long: pd.DataFrame) -> list[Claim]:

