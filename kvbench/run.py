@@ -173,6 +173,7 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
     stored = {**resolved, "run_id": identity, "run_settings": hashed_settings(resolved)}
     folder.path.mkdir(parents=True, exist_ok=True)  # only once everything above is valid
     lock = RunLock(folder.path / shard.lock_name).acquire()  # one writer per predictions file; released below
+    tracker = None
     try:  # everything up to the sample loop: an error here must not leave the lock held (the API's process lives on)
         folder.open(stored)
         done = {r["id"]: r for r in read_records(folder.path / "predictions.jsonl")} if shard.sharded else {}
@@ -199,6 +200,8 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
             max_prompt_tokens=resolved["model"].get("max_prompt_tokens"),
         )
     except BaseException:
+        if tracker is not None:  # W&B started: mark its run failed rather than leave it open
+            tracker.finish(exit_code=1)
         lock.release()
         raise
     if device.type == "cuda":

@@ -213,10 +213,13 @@ def test_an_error_before_the_sample_loop_releases_the_lock(tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("generator failed")
 
+    finished = []
     monkeypatch.setattr(kvbench.run, "Generator", broken)
+    monkeypatch.setattr(kvbench.run.Tracker, "finish", lambda self, exit_code=0: finished.append(exit_code))
     with pytest.raises(RuntimeError, match="generator failed"):
         execute(config(tmp_path, *ARGS, "task.num_samples=1"))
     folder = run_folder(tmp_path, *ARGS, "task.num_samples=1")
     assert not list(folder.glob(".lock*"))
+    assert finished == [1]  # the tracker (W&B) was started: its run is marked failed, not left open
     monkeypatch.undo()
     assert (execute(config(tmp_path, *ARGS, "task.num_samples=1")) / "scores.json").exists()  # same process, again
