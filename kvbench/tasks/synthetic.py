@@ -157,6 +157,7 @@ class Passkey:
     distinct_digits: bool = True  # no digit repeats within a key
     max_new_tokens: int = 8
     filler: str = "grammar"  # grammar: the seeded filler grammar | prose: real English text (tasks/prose.py)
+    chat: bool = True  # wrap the prompt in the model's chat format; false: plain completion (base-model passkey)
     seed: int = 0
 
     name: ClassVar[str] = "passkey"
@@ -202,7 +203,7 @@ class Passkey:
         return [self.make_sample(i, tokenizer) for i in range(self.num_samples)]
 
     def evaluate(self, sample: dict, generator) -> dict:
-        text, generation = generator.complete(sample["prompt"], self.max_new_tokens)
+        text, generation = generator.complete(sample["prompt"], self.max_new_tokens, chat=self.chat)
         correct = first_number(text) == sample["answer"]
         return {
             "id": sample["id"],
