@@ -1,6 +1,7 @@
 """CompressedCache: a transformers `Cache` that owns the KV store and applies a method's policy.
 
-Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)` with
+Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)`, the
+two halves of one buffer `kv` (so an eviction moves both in one op), with
 `length` valid slots, and per-token state `(batch, kv_heads, capacity)`:
 `pos` (original position, always), the method's `slot_state` (e.g. `score`),
 and in `shifted` mode `rot` (the position the stored key was rotated at) and
@@ -13,7 +14,9 @@ order; every rule is stated on positions.
   layer holds its full KV at any time.
 - decode (`stage: decode`): the new token is written into a free slot; when the
   cache is over budget, the lowest-ranked unprotected token (the older among equals) is evicted and the
-  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring).
+  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring). Recency eviction
+  (StreamingLLM) knows its victim without looking at the positions: one token a step keeps the slots
+  after the sinks a ring in position order (see `CompressedLayer.ring`).
 - positions `original`: keys keep the RoPE position they were computed at and
   queries continue counting. `shifted`: new tokens are placed at the cache
   length, and keys are returned rotated from the position they were stored at
@@ -103,6 +106,12 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
+        self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
+        self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
+        # recency eviction: slots [sinks, ring_end) hold the non-sink tokens in position order rotated by
+        # `rotation` (the oldest at sinks + rotation), slots [ring_end, length) newer ones in order; None: unknown
+        self.ring_end: int | None = 0
+        self.rotation = 0
 
     # -- transformers' CacheLayerMixin interface
     def lazy_initialization(self, key_states, value_states):
@@ -121,24 +130,29 @@ class CompressedLayer(CacheLayerMixin):
         return names
 
     def _allocate(self, batch, heads, capacity, head_dim):
-        keys = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
-        values = torch.empty_like(keys)
+        kv = torch.empty(2, batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
         state = {}
         for name in self.state_names():
             dtype = torch.long if name in ("pos", "rot", "rank") else torch.float32
             state[name] = torch.zeros(batch, heads, capacity, dtype=dtype, device=self.device)
-        return keys, values, state
+        if not self.index or self.index[0].shape[0] != batch or self.index[1].shape[1] != heads:
+            b = torch.arange(batch, device=self.device)[:, None]
+            self.index = (torch.arange(2, device=self.device)[:, None, None], b,
+                          torch.arange(heads, device=self.device)[None, :])
+        return kv, state
+
+    def _set_buffers(self, kv, state) -> None:
+        self.kv, self.keys, self.values, self.state = kv, kv[0], kv[1], state
 
     def _grow(self, key_states, needed: int):
         batch, heads, _, head_dim = key_states.shape
         capacity = max(needed, 2 * self.capacity) if self.capacity else needed
-        keys, values, state = self._allocate(batch, heads, capacity, head_dim)
+        kv, state = self._allocate(batch, heads, capacity, head_dim)
         if self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
+            kv[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
             for name, tensor in state.items():
                 tensor[:, :, : self.length] = self.state[name][:, :, : self.length]
-        self.keys, self.values, self.state = keys, values, state
+        self._set_buffers(kv, state)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
@@ -192,10 +206,11 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self):
-        self.keys = self.values = None
+        self.kv = self.keys = self.values = None
         self.state = {}
         self.length = self.seen = 0
         self.moved = False
+        self.ring_end, self.rotation = 0, 0
         self.ragged = None
         self.is_initialized = False
 
@@ -204,8 +219,8 @@ class CompressedLayer(CacheLayerMixin):
         """The valid part of a per-token state tensor, (batch, heads, length)."""
         return self.state[name].narrow(2, 0, self.length)
 
-    def protected(self, sinks: int, recent: int) -> torch.Tensor:
-        pos = self.view("pos")
+    def protected(self, sinks: int, recent: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.view("pos") if pos is None else pos
         if not sinks:
             return pos >= self.seen - recent
         if not recent:
@@ -218,16 +233,18 @@ class CompressedLayer(CacheLayerMixin):
         head_dim = self.keys.shape[-1]
         order = self.view("pos").gather(2, keep).argsort(dim=-1)
         keep = keep.gather(2, order)
-        keys, values, state = self._allocate(batch, heads, kept + extra, head_dim)
+        kv, state = self._allocate(batch, heads, kept + extra, head_dim)
         index = keep[..., None].expand(-1, -1, -1, head_dim)
-        keys[:, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
-        values[:, :, :kept] = self.values[:, :, : self.length].gather(2, index)
+        kv[0, :, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
+        kv[1, :, :, :kept] = self.values[:, :, : self.length].gather(2, index)
         for name, tensor in state.items():
             tensor[:, :, :kept] = self.view(name).gather(2, keep)
         if self.owner.shifted:
             state["rank"][:, :, :kept] = torch.arange(kept, device=self.device)
             self.moved = True
-        self.keys, self.values, self.state, self.length = keys, values, state, kept
+        self._set_buffers(kv, state)
+        self.length = kept
+        self.ring_end, self.rotation = 0, 0  # slots in position order
 
     def kept_per_head(self) -> list[int] | None:
         """Tokens each KV head of sequence 0 holds now (None before any token)."""
@@ -252,24 +269,49 @@ class CompressedLayer(CacheLayerMixin):
         if groups > 1:
             keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
         self.ragged = RaggedKV(keys, values, keep, pos, reserve)
-        self.keys = self.values = None
+        self.kv = self.keys = self.values = None
         self.state = {}
         self.length = 0
 
-    def evict(self, victim: torch.Tensor) -> None:
-        """Drop slot `victim` (batch, heads) in every head; the last slot moves into its place."""
+    def evict(self, victim: torch.Tensor | int) -> None:
+        """Drop slot `victim` (batch, heads) in every head, or the ring's oldest slot (an int, from
+        `oldest_in_ring`) in every head; the last slot moves into its place (a victim in the last slot
+        copies onto itself)."""
         last = self.length - 1
         if self.owner.shifted:
-            victim_pos = self.view("pos").gather(2, victim[..., None])
+            victim_pos = self.view("pos").narrow(2, victim, 1) if isinstance(victim, int) \
+                else self.view("pos").gather(2, victim[..., None])
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
-        slot = victim.unsqueeze(-1)
-        index = slot.unsqueeze(-1).expand(-1, -1, 1, self.keys.shape[-1])
-        for buf in (self.keys, self.values):  # (a victim in the last slot copies onto itself)
-            buf.scatter_(2, index, buf.narrow(2, last, 1))
-        for tensor in self.state.values():
-            tensor.scatter_(2, slot, tensor.narrow(2, last, 1))
+        if isinstance(victim, int):
+            self.kv.select(3, victim).copy_(self.kv.select(3, last))
+            for tensor in self.state.values():
+                tensor.select(2, victim).copy_(tensor.select(2, last))
+            self._advance_ring(self.owner.allocation[1])
+        else:  # one slot per (batch, head): index_put_ with the layer's batch and head index tensors
+            two, batch, heads = self.index
+            self.kv.index_put_((two, batch, heads, victim), self.kv.select(3, last))
+            for tensor in self.state.values():
+                tensor.index_put_((batch, heads, victim), tensor.select(2, last))
+            self.ring_end = None  # the slots are no longer known to be a ring in position order
         self.length -= 1
+
+    def oldest_in_ring(self, sinks: int) -> int | None:
+        """The slot of the oldest token after the sinks, the same in every head, known from the slot layout
+        alone (O(1), no tensor read); None when the layout is not known to be a ring (then search)."""
+        if self.ring_end is None:
+            return None
+        if self.ring_end <= sinks:  # slots in position order
+            return sinks
+        return sinks + self.rotation if self.length - 1 == self.ring_end else None  # one newer token only
+
+    def _advance_ring(self, sinks: int) -> None:
+        """The ring's oldest was evicted and the newest (the last slot) took its place; `length` not yet cut."""
+        if self.ring_end <= sinks:  # was in position order: the newest now sits first, the rest after it
+            self.ring_end = self.length - 1
+            self.rotation = 1 if self.ring_end - sinks > 1 else 0
+        else:
+            self.rotation = (self.rotation + 1) % (self.ring_end - sinks)
 
 
 def select(layer: CompressedLayer, scores: torch.Tensor | None, budget: int, sinks: int, recent: int):
@@ -304,10 +346,11 @@ def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int
     """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
     older token goes (the newer wins, as at the prompt cut), whatever the slot order."""
     ranked = scores if scores.dtype == torch.float32 else scores.float()
+    pos = layer.view("pos")
     if sinks or recent:
-        ranked = ranked.masked_fill(layer.protected(sinks, recent), float("inf"))
+        ranked = ranked.masked_fill(layer.protected(sinks, recent, pos), float("inf"))
     ties = ranked.ne(ranked.amin(dim=-1, keepdim=True))
-    return layer.view("pos").masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
+    return pos.masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
 
 
 class CompressedCache(Cache):
@@ -401,7 +444,11 @@ class CompressedCache(Cache):
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
                 scores = method.eviction_scores(layer)
-                victim = oldest(layer, sinks) if scores is None else lowest(layer, scores, sinks, recent)
+                if scores is None:  # recency: from the ring in O(1), or a search of the positions
+                    victim = layer.oldest_in_ring(sinks)
+                    victim = oldest(layer, sinks) if victim is None else victim
+                else:
+                    victim = lowest(layer, scores, sinks, recent)
                 method.before_evict(layer, victim, scores)
                 layer.evict(victim)
 
