@@ -48,6 +48,8 @@ class Method:
     per_head: ClassVar[bool] = False
     # per-token tensors the cache keeps for this method, moved with their tokens
     slot_state: ClassVar[tuple[str, ...]] = ()
+    # the slot states this method writes for every new token before reading them (not zeroed on write)
+    rewritten_state: ClassVar[tuple[str, ...]] = ()
     # supports `gqa: expand` (a method that does not compress accepts it and stores its full cache)
     expands: ClassVar[bool] = False
 
