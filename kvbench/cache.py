@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench import KVBenchError
 from kvbench.attention import Stats, StatsRequest
-from kvbench.methods.base import Method
+from kvbench.methods.base import Method, Victim
 from kvbench.methods.headwise import ModelShape
 from kvbench.ragged import RaggedKV
 
@@ -310,14 +310,16 @@ class CompressedLayer(CacheLayerMixin):
         self.state, self.buffers, self._parts = {}, [], {}
         self.length = 0
 
-    def evict(self, victim: torch.Tensor | int) -> None:
-        """Drop slot `victim` (batch, heads) in every head, or the ring's oldest slot (an int, from
-        `oldest_in_ring`) in every head; the last slot moves into its place (a victim in the last slot
-        copies onto itself)."""
+    def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None) -> None:
+        """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
+        the ring's oldest slot (an int, from `oldest_in_ring`) in every head; the last slot moves into its
+        place (a victim in the last slot copies onto itself)."""
         last = self.length - 1
         if self.owner.shifted:
-            victim_pos = self.view("pos").narrow(2, victim, 1) if isinstance(victim, int) \
-                else self.view("pos").gather(2, victim[..., None])
+            if isinstance(victim, int):
+                victim_pos = self.view("pos").narrow(2, victim, 1)
+            else:
+                victim_pos = self.view("pos").gather(2, victim[..., None]) if victim_pos is None else victim_pos[..., None]
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
         if isinstance(victim, int):
@@ -377,15 +379,17 @@ def oldest(layer: CompressedLayer, sinks: int) -> torch.Tensor:
     return (pos.masked_fill(pos < sinks, torch.iinfo(torch.long).max) if sinks else pos).argmin(dim=-1)
 
 
-def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> Victim:
     """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
-    older token goes (the newer wins, as at the prompt cut), whatever the slot order."""
+    older token goes (the newer wins, as at the prompt cut), whatever the slot order. With its position
+    and its score (float32), which the same reductions give."""
     ranked = scores if scores.dtype == torch.float32 else scores.float()
     pos = layer.view("pos")
     if sinks or recent:
         ranked = ranked.masked_fill(layer.protected(sinks, recent, pos), float("inf"))
-    ties = ranked.ne(ranked.amin(dim=-1, keepdim=True))
-    return pos.masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
+    score = ranked.amin(dim=-1, keepdim=True)
+    oldest_pos, slot = pos.masked_fill(ranked.ne(score), torch.iinfo(torch.long).max).min(dim=-1)
+    return Victim(slot, oldest_pos, score)
 
 
 class CompressedCache(Cache):
@@ -485,7 +489,7 @@ class CompressedCache(Cache):
                 else:
                     victim = lowest(layer, scores, sinks, recent)
                 method.before_evict(layer, victim, scores)
-                layer.evict(victim)
+                layer.evict(victim.slot, victim.pos) if isinstance(victim, Victim) else layer.evict(victim)
 
     # -- accounting
     def kv_summary(self) -> dict:
