@@ -1,10 +1,12 @@
 """CompressedCache: a transformers `Cache` that owns the KV store and applies a method's policy.
 
-Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)` with
-`length` valid slots, and per-token state `(batch, kv_heads, capacity)`:
-`pos` (original position, always), the method's `slot_state` (e.g. `score`),
-and in `shifted` mode `rot` (the position the stored key was rotated at) and
-`rank` (its position inside the cache now). Slots need not be in position
+Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)`, the
+two halves of one buffer `kv`, with `length` valid slots, and per-token state
+`(batch, kv_heads, capacity)`: `pos` (original position, always), the method's
+`slot_state` (e.g. `score`), and in `shifted` mode `rot` (the position the
+stored key was rotated at) and `rank` (its position inside the cache now). The
+integer states share one buffer and the float ones another, so a decode step
+writes and moves every state of a token in one op per buffer. Slots need not be in position
 order; every rule is stated on positions.
 
 - prefill (`phase == "prefill"`): after the layer's attention has run, the
@@ -13,7 +15,9 @@ order; every rule is stated on positions.
   layer holds its full KV at any time.
 - decode (`stage: decode`): the new token is written into a free slot; when the
   cache is over budget, the lowest-ranked unprotected token (the older among equals) is evicted and the
-  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring).
+  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring). Recency eviction
+  (StreamingLLM) knows its victim without looking at the positions: one token a step keeps the slots
+  after the sinks a ring in position order (see `CompressedLayer.ring`).
 - positions `original`: keys keep the RoPE position they were computed at and
   queries continue counting. `shifted`: new tokens are placed at the cache
   length, and keys are returned rotated from the position they were stored at
@@ -38,7 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench import KVBenchError
 from kvbench.attention import Stats, StatsRequest
-from kvbench.methods.base import Method
+from kvbench.methods.base import Method, Victim
 from kvbench.methods.headwise import ModelShape
 from kvbench.ragged import RaggedKV
 
@@ -87,6 +91,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+INT_STATE = ("pos", "rot", "rank")
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's KV store with per-token state; see the module docstring."""
 
@@ -103,6 +110,15 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
+        self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
+        self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (kv or a state group, its row index)
+        self.scores: torch.Tensor | None = None  # the float state group, zeroed where a token is written
+        self._parts: dict[tuple[str, int, int], torch.Tensor] = {}  # part(): views reused while the buffers are
+        # recency eviction: slots [sinks, ring_end) hold the non-sink tokens in position order rotated by
+        # `rotation` (the oldest at sinks + rotation), slots [ring_end, length) newer ones in order; None: unknown
+        self.ring_end: int | None = 0
+        self.rotation = 0
 
     # -- transformers' CacheLayerMixin interface
     def lazy_initialization(self, key_states, value_states):
@@ -121,24 +137,40 @@ class CompressedLayer(CacheLayerMixin):
         return names
 
     def _allocate(self, batch, heads, capacity, head_dim):
-        keys = torch.empty(batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
-        values = torch.empty_like(keys)
+        """Fresh buffers: kv (2, batch, heads, capacity, head_dim), and the state by name, each a row of
+        its group's buffer (k, batch, heads, capacity): {group buffer: its names}."""
+        kv = torch.empty(2, batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        names = self.state_names()
         state = {}
-        for name in self.state_names():
-            dtype = torch.long if name in ("pos", "rot", "rank") else torch.float32
-            state[name] = torch.zeros(batch, heads, capacity, dtype=dtype, device=self.device)
-        return keys, values, state
+        for dtype, group in ((torch.long, [n for n in names if n in INT_STATE]),
+                             (torch.float32, [n for n in names if n not in INT_STATE])):
+            if group:
+                buffer = torch.zeros(len(group), batch, heads, capacity, dtype=dtype, device=self.device)
+                state[buffer] = {name: buffer[i] for i, name in enumerate(group)}
+        if not self.index or self.index[0].shape[0] != batch or self.index[1].shape[1] != heads:
+            self.index = (torch.arange(batch, device=self.device)[:, None],
+                          torch.arange(heads, device=self.device)[None, :])
+        return kv, state
+
+    def _set_buffers(self, kv, groups) -> None:
+        self.kv, self.keys, self.values = kv, kv[0], kv[1]
+        self.state = {name: row for rows in groups.values() for name, row in rows.items()}
+        self.buffers = [(b, torch.arange(b.shape[0], device=b.device)[:, None, None]) for b in (kv, *groups)]
+        method = self.owner.method
+        zeroed = set(method.slot_state) - set(method.rewritten_state)
+        self.scores = next((b for b, rows in groups.items() if zeroed & set(rows)), None)
+        self._parts = {}
 
     def _grow(self, key_states, needed: int):
         batch, heads, _, head_dim = key_states.shape
         capacity = max(needed, 2 * self.capacity) if self.capacity else needed
-        keys, values, state = self._allocate(batch, heads, capacity, head_dim)
+        kv, groups = self._allocate(batch, heads, capacity, head_dim)
         if self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
-            for name, tensor in state.items():
-                tensor[:, :, : self.length] = self.state[name][:, :, : self.length]
-        self.keys, self.values, self.state = keys, values, state
+            kv[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
+            for rows in groups.values():
+                for name, row in rows.items():
+                    row[:, :, : self.length] = self.view(name)
+        self._set_buffers(kv, groups)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
@@ -155,26 +187,26 @@ class CompressedLayer(CacheLayerMixin):
         if self.length + q > self.capacity:
             needed = self.length + q
             self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
-        start = self.length  # narrow, not [:, :, a:b]: one op per write (a decode step runs this per layer)
-        self.keys.narrow(2, start, q).copy_(key_states)
-        self.values.narrow(2, start, q).copy_(value_states)
-        pos = self.state["pos"].narrow(2, start, q)
+        start = self.length  # views from part(): a cache at its budget writes the same slot every step
+        self.part("keys", start, q).copy_(key_states)
+        self.part("values", start, q).copy_(value_states)
+        pos = self.part("pos", start, q)
         if q == 1:
             pos.fill_(self.seen)
         else:
             pos.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
-        for name in self.owner.method.slot_state:
-            self.state[name].narrow(2, start, q).zero_()
+        if self.scores is not None:
+            self.part("scores", start, q).zero_()
         if self.owner.shifted:
             ranks = torch.arange(start, start + q, device=self.device)
-            self.state["rot"].narrow(2, start, q).copy_(ranks)
-            self.state["rank"].narrow(2, start, q).copy_(ranks)
+            self.part("rot", start, q).copy_(ranks)
+            self.part("rank", start, q).copy_(ranks)
         self.length += q
         self.seen += q
-        return self.current_keys(), self.values.narrow(2, 0, self.length)
+        return self.current_keys(), self.part("values", 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
-        keys = self.keys.narrow(2, 0, self.length)
+        keys = self.part("keys", 0, self.length)
         if self.owner.shifted and self.moved:
             delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
             keys = self.owner.rotate(keys, delta)
@@ -192,25 +224,44 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self):
-        self.keys = self.values = None
-        self.state = {}
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
         self.length = self.seen = 0
         self.moved = False
+        self.ring_end, self.rotation = 0, 0
         self.ragged = None
         self.is_initialized = False
 
     # -- compression
     def view(self, name: str) -> torch.Tensor:
         """The valid part of a per-token state tensor, (batch, heads, length)."""
-        return self.state[name].narrow(2, 0, self.length)
+        return self.part(name, 0, self.length)
 
-    def protected(self, sinks: int, recent: int) -> torch.Tensor:
-        pos = self.view("pos")
+    def part(self, name: str, start: int, n: int) -> torch.Tensor:
+        """Slots [start, start + n) of `keys`, `values`, `scores` (the zeroed state group) or a state, as a
+        view kept while the buffers are: a cache held at its budget writes and reads the same slots at every
+        decode step, so its views are made once (views launch no kernel, but each is an op to dispatch)."""
+        key = (name, start, n)
+        view = self._parts.get(key)
+        if view is None:
+            if len(self._parts) >= 64:  # a growing cache asks for new slots every step
+                self._parts.clear()
+            if name == "scores":
+                view = self.scores.narrow(3, start, n)
+            else:
+                view = (getattr(self, name) if name in ("keys", "values") else self.state[name]).narrow(2, start, n)
+            self._parts[key] = view
+        return view
+
+    def protected(self, sinks: int, recent: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.view("pos") if pos is None else pos
         if not sinks:
             return pos >= self.seen - recent
         if not recent:
             return pos < sinks
-        return (pos < sinks) | (pos >= self.seen - recent)
+        if self.seen - recent > sinks:  # pos < sinks or pos >= seen - recent: outside [sinks, seen - recent - 1]
+            return pos.clamp(sinks, self.seen - recent - 1).ne(pos)
+        return torch.ones_like(pos, dtype=torch.bool)
 
     def compact(self, keep: torch.Tensor, extra: int) -> None:
         """Keep slots `keep` (batch, heads, C), in position order, in fresh buffers of capacity C + extra."""
@@ -218,16 +269,19 @@ class CompressedLayer(CacheLayerMixin):
         head_dim = self.keys.shape[-1]
         order = self.view("pos").gather(2, keep).argsort(dim=-1)
         keep = keep.gather(2, order)
-        keys, values, state = self._allocate(batch, heads, kept + extra, head_dim)
+        kv, groups = self._allocate(batch, heads, kept + extra, head_dim)
         index = keep[..., None].expand(-1, -1, -1, head_dim)
-        keys[:, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
-        values[:, :, :kept] = self.values[:, :, : self.length].gather(2, index)
-        for name, tensor in state.items():
-            tensor[:, :, :kept] = self.view(name).gather(2, keep)
+        kv[0, :, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
+        kv[1, :, :, :kept] = self.values[:, :, : self.length].gather(2, index)
+        for rows in groups.values():
+            for name, row in rows.items():
+                row[:, :, :kept] = self.view(name).gather(2, keep)
+        self._set_buffers(kv, groups)
         if self.owner.shifted:
-            state["rank"][:, :, :kept] = torch.arange(kept, device=self.device)
+            self.state["rank"][:, :, :kept] = torch.arange(kept, device=self.device)
             self.moved = True
-        self.keys, self.values, self.state, self.length = keys, values, state, kept
+        self.length = kept
+        self.ring_end, self.rotation = 0, 0  # slots in position order
 
     def kept_per_head(self) -> list[int] | None:
         """Tokens each KV head of sequence 0 holds now (None before any token)."""
@@ -252,24 +306,49 @@ class CompressedLayer(CacheLayerMixin):
         if groups > 1:
             keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
         self.ragged = RaggedKV(keys, values, keep, pos, reserve)
-        self.keys = self.values = None
-        self.state = {}
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
         self.length = 0
 
-    def evict(self, victim: torch.Tensor) -> None:
-        """Drop slot `victim` (batch, heads) in every head; the last slot moves into its place."""
+    def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None) -> None:
+        """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
+        the ring's oldest slot (an int, from `oldest_in_ring`) in every head; the last slot moves into its
+        place (a victim in the last slot copies onto itself)."""
         last = self.length - 1
         if self.owner.shifted:
-            victim_pos = self.view("pos").gather(2, victim[..., None])
+            if isinstance(victim, int):
+                victim_pos = self.view("pos").narrow(2, victim, 1)
+            else:
+                victim_pos = self.view("pos").gather(2, victim[..., None]) if victim_pos is None else victim_pos[..., None]
             self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
             self.moved = True
-        slot = victim.unsqueeze(-1)
-        index = slot.unsqueeze(-1).expand(-1, -1, 1, self.keys.shape[-1])
-        for buf in (self.keys, self.values):  # (a victim in the last slot copies onto itself)
-            buf.scatter_(2, index, buf.narrow(2, last, 1))
-        for tensor in self.state.values():
-            tensor.scatter_(2, slot, tensor.narrow(2, last, 1))
+        if isinstance(victim, int):
+            for buffer, _ in self.buffers:
+                buffer.select(3, victim).copy_(buffer.select(3, last))
+            self._advance_ring(self.owner.allocation[1])
+        else:  # one slot per (batch, head): index_put_ with the layer's row, batch and head index tensors
+            batch, heads = self.index
+            for buffer, rows in self.buffers:
+                buffer.index_put_((rows, batch, heads, victim), buffer.select(3, last))
+            self.ring_end = None  # the slots are no longer known to be a ring in position order
         self.length -= 1
+
+    def oldest_in_ring(self, sinks: int) -> int | None:
+        """The slot of the oldest token after the sinks, the same in every head, known from the slot layout
+        alone (O(1), no tensor read); None when the layout is not known to be a ring (then search)."""
+        if self.ring_end is None:
+            return None
+        if self.ring_end <= sinks:  # slots in position order
+            return sinks
+        return sinks + self.rotation if self.length - 1 == self.ring_end else None  # one newer token only
+
+    def _advance_ring(self, sinks: int) -> None:
+        """The ring's oldest was evicted and the newest (the last slot) took its place; `length` not yet cut."""
+        if self.ring_end <= sinks:  # was in position order: the newest now sits first, the rest after it
+            self.ring_end = self.length - 1
+            self.rotation = 1 if self.ring_end - sinks > 1 else 0
+        else:
+            self.rotation = (self.rotation + 1) % (self.ring_end - sinks)
 
 
 def select(layer: CompressedLayer, scores: torch.Tensor | None, budget: int, sinks: int, recent: int):
@@ -300,14 +379,17 @@ def oldest(layer: CompressedLayer, sinks: int) -> torch.Tensor:
     return (pos.masked_fill(pos < sinks, torch.iinfo(torch.long).max) if sinks else pos).argmin(dim=-1)
 
 
-def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+def lowest(layer: CompressedLayer, scores: torch.Tensor, sinks: int, recent: int) -> Victim:
     """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
-    older token goes (the newer wins, as at the prompt cut), whatever the slot order."""
+    older token goes (the newer wins, as at the prompt cut), whatever the slot order. With its position
+    and its score (float32), which the same reductions give."""
     ranked = scores if scores.dtype == torch.float32 else scores.float()
+    pos = layer.view("pos")
     if sinks or recent:
-        ranked = ranked.masked_fill(layer.protected(sinks, recent), float("inf"))
-    ties = ranked.ne(ranked.amin(dim=-1, keepdim=True))
-    return layer.view("pos").masked_fill(ties, torch.iinfo(torch.long).max).argmin(dim=-1)
+        ranked = ranked.masked_fill(layer.protected(sinks, recent, pos), float("inf"))
+    score = ranked.amin(dim=-1, keepdim=True)
+    oldest_pos, slot = pos.masked_fill(ranked.ne(score), torch.iinfo(torch.long).max).min(dim=-1)
+    return Victim(slot, oldest_pos, score)
 
 
 class CompressedCache(Cache):
@@ -401,9 +483,13 @@ class CompressedCache(Cache):
             method.decode_update(layer, stats)
             while budget is not None and layer.length > budget:
                 scores = method.eviction_scores(layer)
-                victim = oldest(layer, sinks) if scores is None else lowest(layer, scores, sinks, recent)
+                if scores is None:  # recency: from the ring in O(1), or a search of the positions
+                    victim = layer.oldest_in_ring(sinks)
+                    victim = oldest(layer, sinks) if victim is None else victim
+                else:
+                    victim = lowest(layer, scores, sinks, recent)
                 method.before_evict(layer, victim, scores)
-                layer.evict(victim)
+                layer.evict(victim.slot, victim.pos) if isinstance(victim, Victim) else layer.evict(victim)
 
     # -- accounting
     def kv_summary(self) -> dict:

@@ -6,7 +6,7 @@ the sum of the head budgets; nothing is padded to the largest head:
 
     prefix_keys, prefix_values   (N, head_dim), N = sum of the kept lengths
     cu_lens                      (B * H + 1,) int32, segment i = (b, h) with i = b * H + h
-    decode_keys, decode_values   (B, capacity, H, head_dim): tokens generated after the prompt
+    decode_keys, decode_values   (B, H, capacity, head_dim): tokens generated after the prompt
 
 H is the store's head count: the model's KV heads, or its query heads when a
 method stores one segment per query head (G = 1). Decoded tokens are appended
@@ -81,14 +81,17 @@ class SegmentPattern:
         self.crow, self.col, self.shape = crow, col, (segments * rows, int(cu_lens[-1]))
         self.empty = csr(crow, col, torch.zeros(nnz, device=lens.device), self.shape)
 
-    def partial(self, query, keys, values, scaling):
-        """Unnormalised softmax attention of `query` (rows, d) on the pattern: (Σ w v, Σ w, max logit) per
-        row, with w = exp(logit - max); a row with no token gives (0, 0, -inf)."""
-        logits = torch.sparse.sampled_addmm(self.empty, query, keys.t(), beta=0.0, alpha=scaling).values()
+    def partial(self, query, keys_t, values, scaling):
+        """Unnormalised softmax attention of `query` (rows, d) on the pattern with the keys `keys_t` (d, N):
+        (Σ w v, Σ w, max logit) per row, with w = exp(logit - max); a row with no token gives (0, 0, -inf).
+        The weights overwrite the logits inside the sampled product's CSR tensor, which then multiplies
+        the values (no second sparse tensor is built)."""
+        sampled = torch.sparse.sampled_addmm(self.empty, query, keys_t, beta=0.0, alpha=scaling)
+        logits = sampled.values()
         top = torch.segment_reduce(logits, "max", lengths=self.row_lens)
-        weights = (logits - top[self.row_of]).exp_()
+        weights = logits.sub_(top[self.row_of]).exp_()
         total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)
-        return csr(self.crow, self.col, weights, self.shape) @ values, total, top
+        return sampled @ values, total, top
 
 
 class RaggedKV:
@@ -110,9 +113,10 @@ class RaggedKV:
         self.cu_lens[1:] = lens.cumsum(0)
         self.max_len = int(lens.max()) if lens.numel() else 0
         self._patterns: dict[int, SegmentPattern] = {}  # rows per segment -> CSR pattern, built on first use
-        self.decode_keys = keys.new_empty(batch, max(1, reserve), heads, head_dim)
+        self.decode_keys = keys.new_empty(batch, heads, max(1, reserve), head_dim)
         self.decode_values = torch.empty_like(self.decode_keys)
         self.decoded = 0
+        self._float_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys^T, values) for the CSR kernels
 
     # -- storage
     @property
@@ -123,15 +127,15 @@ class RaggedKV:
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write new tokens (B, H, q, d) into the decoded block: one slot per head each, no prefix copy."""
         q = key_states.shape[2]
-        if self.decoded + q > self.decode_keys.shape[1]:
-            capacity = max(self.decoded + q, 2 * self.decode_keys.shape[1])
+        if self.decoded + q > self.decode_keys.shape[2]:
+            capacity = max(self.decoded + q, 2 * self.decode_keys.shape[2])
             for name in ("decode_keys", "decode_values"):
                 old = getattr(self, name)
-                new = old.new_empty(self.batch, capacity, self.heads, self.head_dim)
-                new[:, : self.decoded] = old[:, : self.decoded]
+                new = old.new_empty(self.batch, self.heads, capacity, self.head_dim)
+                new[:, :, : self.decoded] = old[:, :, : self.decoded]
                 setattr(self, name, new)
-        self.decode_keys.narrow(1, self.decoded, q).copy_(key_states.transpose(1, 2))
-        self.decode_values.narrow(1, self.decoded, q).copy_(value_states.transpose(1, 2))
+        self.decode_keys.narrow(2, self.decoded, q).copy_(key_states)
+        self.decode_values.narrow(2, self.decoded, q).copy_(value_states)
         self.decoded += q
 
     # -- attention
@@ -151,32 +155,40 @@ class RaggedKV:
         return self._patterns[rows]
 
     def _decoded_block(self):
-        return self.decode_keys[:, : self.decoded], self.decode_values[:, : self.decoded]
+        """The decoded tokens' keys and values, (B, H, n, d)."""
+        return self.decode_keys.narrow(2, 0, self.decoded), self.decode_values.narrow(2, 0, self.decoded)
+
+    def _prefix_for_sparse(self):
+        """(keys^T (d, N), values (N, d)) in a dtype torch's CSR kernels compute in: the store itself, or
+        its float32 copy made at every step (half precision)."""
+        if self.prefix_keys.dtype not in SPARSE_DTYPES:
+            return self.prefix_keys.float().t(), self.prefix_values.float()
+        if self._float_prefix is None:  # the transposed view, made once
+            self._float_prefix = (self.prefix_keys.t(), self.prefix_values)
+        return self._float_prefix
 
     def _sparse(self, query, scaling):
         b, hq, q, d = query.shape
         g = hq // self.heads
         query_g = as_float(query.reshape(b, self.heads, g * q, d))  # rows: (group member, query)
         # prefix: every new query sees its head's whole segment
-        keys, values = self.prefix_keys, self.prefix_values
-        if keys.dtype not in SPARSE_DTYPES:
-            keys, values = keys.float(), values.float()
-        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys, values, scaling)
-        rows = (b, self.heads, g * q)
+        keys_t, values = self._prefix_for_sparse()
+        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys_t, values, scaling)
+        rows = (b, self.heads, g * q, 1)  # the row statistics keep a last dim of 1: they broadcast as they are
         # decoded block: bottom-right causal among the new queries, one softmax with the prefix's partial
-        dkeys, dvalues = self._decoded_block()  # (B, n, H, d)
-        n = dkeys.shape[1]
-        logits = torch.einsum("bhrd,bnhd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
+        dkeys, dvalues = self._decoded_block()  # (B, H, n, d)
+        n = dkeys.shape[2]
+        logits = torch.einsum("bhrd,bhnd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
         if q > 1:
             newest = torch.arange(q, device=query.device).repeat(g)[:, None] + n - q  # row r = (member, query)
             logits.masked_fill_(torch.arange(n, device=query.device)[None, :] > newest, float("-inf"))
         top_prefix = top.view(rows)
-        top = torch.maximum(top_prefix, logits.amax(dim=-1))  # finite: a new query sees its own token
+        top = torch.maximum(top_prefix, logits.amax(dim=-1, keepdim=True))  # finite: a query sees its own token
         scale = (top_prefix - top).exp_()  # rescales the prefix's partial (0 for a head with no prefix)
-        weights = logits.sub_(top[..., None]).exp_()
-        total = total.view(rows).mul_(scale).add_(weights.sum(dim=-1))
-        out = torch.einsum("bhrn,bnhd->bhrd", weights, as_float(dvalues))
-        out = out.add_(acc.view(*rows, d).mul_(scale[..., None])).div_(total[..., None])
+        weights = logits.sub_(top).exp_()
+        total = total.view(rows).mul_(scale).add_(weights.sum(dim=-1, keepdim=True))
+        out = torch.einsum("bhrn,bhnd->bhrd", weights, as_float(dvalues))
+        out = out.add_(acc.view(*rows[:3], d).mul_(scale)).div_(total)
         return out.view(b, hq, q, d).transpose(1, 2)
 
     def _varlen(self, query, scaling):  # pragma: no cover - needs CUDA and flash-attn
@@ -192,10 +204,10 @@ class RaggedKV:
         )
         out_p = out_p.view(b, h, q, g, d).permute(0, 1, 3, 2, 4)  # (B, H, G, q, d)
         lse_p = lse_p.view(g, b, h, q).permute(1, 2, 0, 3)  # flash-attn 2 varlen: (heads, total_q)
-        # decoded block: causal, aligned to the bottom right
+        # decoded block: causal, aligned to the bottom right; flash-attn takes (B, n, H, d) (last dim contiguous)
         dkeys, dvalues = self._decoded_block()
         out_d, lse_d, _ = flash_attn_func(
-            query.transpose(1, 2), dkeys, dvalues, softmax_scale=scaling, causal=True, return_attn_probs=True,
+            query.transpose(1, 2), dkeys.transpose(1, 2), dvalues.transpose(1, 2), softmax_scale=scaling, causal=True, return_attn_probs=True,
         )
         out_d = out_d.view(b, q, h, g, d).permute(0, 2, 3, 1, 4)
         lse_d = lse_d.view(b, h, g, q)

@@ -3,6 +3,7 @@
     python scripts/bench_compression.py --quick                          # CPU, every method, < 5 minutes
     python scripts/bench_compression.py                                  # CPU defaults: 1k..16k tokens
     python scripts/bench_compression.py --lengths 1024,4096 --methods sdpa-full,h2o,vatp,snapkv
+    python scripts/bench_compression.py --ops-only --decode-budgets 256   # op counts only, seconds, no timing
     python scripts/bench_compression.py --device cuda --hidden 4096 --layers 32 --heads 32 --kv-heads 32 \\
         --intermediate 11008 --lengths 4096,8192,16384,32768           # 7B shape, random weights, bf16
 
@@ -20,6 +21,8 @@ tokens without compression: plain transformers (`sdpa-full`) and kvbench's own
 cache with `full` (the policy's overhead alone). Medians, in one process. One
 more step runs under a TorchDispatchMode that counts the aten ops dispatched
 per layer (the GPU launch-count proxy; `kernel ops` leaves out views).
+`--ops-only` skips the prefill and the timing and prints, per method, the op
+count and which ops it dispatches beyond kvbench's full cache (per layer).
 
 `--quick` times the prefills in one process (medians of 5; peak memory needs the
 fresh processes of a full run). Every result is appended to `--out`/{prefill,decode}_<device>.jsonl as soon as
@@ -238,6 +241,22 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
     return times, counter
 
 
+def ops_only(model, configs: dict, methods: list[str], budgets: list[int], layers: int, device) -> None:
+    """Print the aten ops per layer of one decode step per method, and which ops each adds over `full`."""
+    for budget in budgets:
+        counts = {}
+        for method in ["full", *[m for m in methods if m not in ("full", "sdpa-full")]]:
+            counts[method] = decode_steps(model, configs[method], budget, 0, device)[1]
+        full = counts["full"]
+        print(f"\nC = {budget}: aten ops per layer per decode step (kernels), and the difference from full:\n")
+        for method, ops in counts.items():
+            extra = {op: (n - full.ops[op]) / layers for op, n in (ops.ops | full.ops).items()
+                     if n != full.ops[op] or op not in ops.ops}
+            extra = {op: d for op, d in sorted(extra.items(), key=lambda kv: -abs(kv[1])) if d}
+            print(f"{method:14s} {ops.total / layers:6.1f} ({ops.kernels / layers:5.1f})  "
+                  f"{(ops.total - full.total) / layers:+6.1f}  " + " ".join(f"{op}{d:+g}" for op, d in extra.items()))
+
+
 def append_row(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -271,6 +290,8 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-budgets", default="1024,4096", help="cache sizes C for the decode-step timing")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--decode-methods", default="all", help="comma-separated, or all (every compressing method)")
+    parser.add_argument("--ops-only", action="store_true", help="print the op counts per method (at "
+                        "--decode-budgets) and which ops each adds over kvbench's full cache; no timing")
     parser.add_argument("--threads", default="1,0", help="CPU thread counts for the decode timing (0: torch's default)")
     add_model_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -300,6 +321,9 @@ def main(argv=None) -> None:
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(configs)}")
+    if args.ops_only:
+        ops_only(build_model(args), configs, methods, decode_budgets, args.layers, torch.device(args.device))
+        return
     kind = args.device.split(":")[0]
     prefill_path, decode_path = out / f"prefill_{kind}.jsonl", out / f"decode_{kind}.jsonl"
     prefill_path.unlink(missing_ok=True)

@@ -117,3 +117,36 @@ def test_equal_scores_in_a_model_keep_the_newest_tokens(tiny_gqa):
             logits = forward(model, cache, logits[:, -1].argmax(-1)[:, None])
     for layer in cache.layers:
         assert sorted(layer.view("pos")[0, 0].tolist()) == list(range(40 - 16, 40))
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_recency_eviction_from_the_ring_keeps_sinks_and_the_newest(sinks):
+    """StreamingLLM finds its victim from the slot layout (a ring, no search of the positions) while one
+    token comes per step; a step of several tokens falls back to the search, and every kept set is right."""
+    budget, n = 12, 30
+    cache = one_layer({"name": "streamingllm", "stage": "decode", "sinks": sinks}, budget=budget)
+    module = FakeModule("sdpa", groups=2)
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 2, n, 8, generator=g)
+    keys, values = cache.update(k, k.clone(), 0)
+    kvbench_attention(module, torch.randn(2, 4, n, 8, generator=g), keys, values, None, kvbench_cache=cache)
+    cache.phase = "decode"
+    layer, seen = cache.layers[0], n
+    written = {j: k[:, :, j] for j in range(n)}
+    for q in [1] * 25 + [3] + [1] * 5:
+        k1 = torch.randn(2, 2, q, 8, generator=g)
+        written.update({seen + i: k1[:, :, i] for i in range(q)})
+        keys, values = cache.update(k1, k1.clone(), 0)
+        kvbench_attention(module, torch.randn(2, 4, q, 8, generator=g), keys, values, None, kvbench_cache=cache)
+        seen += q
+        expected = list(range(sinks)) + list(range(seen - budget + sinks, seen))
+        pos = layer.view("pos")
+        for b in range(2):
+            for h in range(2):
+                assert sorted(pos[b, h].tolist()) == expected, (q, seen)
+                for slot, p in enumerate(pos[b, h].tolist()):  # keys and values moved with their positions
+                    assert torch.equal(layer.keys[b, h, slot], written[p][b, h])
+                    assert torch.equal(layer.values[b, h, slot], written[p][b, h])
+        if seen < n + 25:
+            assert layer.ring_end is not None  # one token a step: the victim came from the ring
+    assert layer.ring_end is None  # after the 3-token step: searched

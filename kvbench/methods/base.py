@@ -20,7 +20,7 @@ positions and budgets live once in the engine, not in each method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 
@@ -29,6 +29,15 @@ from kvbench.attention import Stats, StatsRequest
 
 if TYPE_CHECKING:
     from kvbench.cache import Budget
+
+class Victim(NamedTuple):
+    """The token a decode step evicts in each (batch, head): its slot and position (batch, heads), and its
+    eviction score (batch, heads, 1) float32."""
+
+    slot: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor
+
 
 STAGES = ("prefill", "decode")
 GQA_LAYOUTS = ("kv", "expand")
@@ -48,6 +57,8 @@ class Method:
     per_head: ClassVar[bool] = False
     # per-token tensors the cache keeps for this method, moved with their tokens
     slot_state: ClassVar[tuple[str, ...]] = ()
+    # the slot states this method writes for every new token before reading them (not zeroed on write)
+    rewritten_state: ClassVar[tuple[str, ...]] = ()
     # supports `gqa: expand` (a method that does not compress accepts it and stores its full cache)
     expands: ClassVar[bool] = False
 
@@ -97,8 +108,9 @@ class Method:
         """Called with the slots about to be kept at the prompt cut (methods that merge act here)."""
         return None
 
-    def before_evict(self, layer, victim: torch.Tensor, scores: torch.Tensor | None) -> None:
-        """Called with the slot (batch, heads) about to be evicted at a decode step, and the eviction scores."""
+    def before_evict(self, layer, victim, scores: torch.Tensor | None) -> None:
+        """Called at a decode step with the token about to be evicted (a `Victim`; for recency, scores None,
+        its slot) and the eviction scores."""
         return None
 
     def eviction_scores(self, layer) -> torch.Tensor | None:

@@ -24,13 +24,13 @@ class TOVA(Method):
 
     name: ClassVar[str] = "tova"
     slot_state: ClassVar[tuple[str, ...]] = ("score",)
+    rewritten_state: ClassVar[tuple[str, ...]] = ("score",)  # every step's row replaces every score
 
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest(window=1) if phase == "prefill" else StatsRequest(row=True)
 
     def _store_head_mean(self, layer, attention):
-        layer.view("score")[:] = attention.mean(dim=1, keepdim=True)
-        return layer.view("score")
+        return layer.view("score").copy_(attention.mean(dim=1, keepdim=True))
 
     def prefill_scores(self, layer, stats):
         return self._store_head_mean(layer, stats.window)

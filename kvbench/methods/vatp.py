@@ -42,6 +42,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from kvbench import KVBenchError
 from kvbench.attention import StatsRequest
 from kvbench.methods.h2o import H2O
@@ -59,7 +61,11 @@ class VATP(H2O):
     recent_window: int = 10  # scissorhands: the recent window
 
     name: ClassVar[str] = "vatp"
-    slot_state: ClassVar[tuple[str, ...]] = ("score", "vnorm")
+    rewritten_state: ClassVar[tuple[str, ...]] = ("vnorm",)  # written for every new token
+
+    @property
+    def slot_state(self) -> tuple[str, ...]:
+        return ("score",) if NORMS[self.norm] is None else ("score", "vnorm")
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,8 +98,10 @@ class VATP(H2O):
         """||v_j|| of the tokens in slots start.. (computed once per token, kept as per-token state)."""
         p = NORMS[self.norm]
         if p is not None:
-            values = layer.values[:, :, start : layer.length].float()
-            layer.view("vnorm")[:, :, start:] = values.norm(p=p, dim=-1)
+            n = layer.length - start
+            values = layer.part("values", start, n)
+            values = values if values.dtype == torch.float32 else values.float()
+            torch.linalg.vector_norm(values, ord=p, dim=-1, out=layer.part("vnorm", start, n))
 
     def importance(self, layer):
         if NORMS[self.norm] is None:

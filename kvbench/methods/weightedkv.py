@@ -36,8 +36,9 @@ def merged_value(v_j: torch.Tensor, abar_j: torch.Tensor, v_r: torch.Tensor, aba
 
     Written as v_r + w (v_j - v_r) with w = ā_j / (ā_j + ā_r) (0 where 0/0): one lerp, computed in float32."""
     weight = (abar_j / (abar_j + abar_r)).nan_to_num_(0.0)[..., None]
-    merged = torch.lerp(v_r.float(), v_j.float(), weight.float())
-    return merged if merged.dtype == v_r.dtype else merged.to(v_r.dtype)
+    if v_r.dtype == torch.float32 and v_j.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.lerp(v_r, v_j, weight)  # (no conversions to dispatch: a decode step runs this per layer)
+    return torch.lerp(v_r.float(), v_j.float(), weight.float()).to(v_r.dtype)
 
 
 def replay_merges(values, abar, keep):
@@ -140,20 +141,21 @@ class WeightedKV(Method):
     def eviction_scores(self, layer):
         return self.average(layer)
 
-    def before_evict(self, layer, victim: torch.Tensor, scores: torch.Tensor) -> None:
-        """Merge the victim's value into the next token on its right (by position); `scores` hold ā."""
+    def before_evict(self, layer, victim, scores: torch.Tensor) -> None:
+        """Merge the victim's value into the next token on its right (by position); `scores` hold ā (the
+        victim's own is `victim.score`). One masked argmin over the positions finds the neighbour: the step
+        is O(C) already (the victim is an argmin over C scores), and the scan costs fewer ops than keeping
+        neighbour links (two pointer states, each fixed up at every write and eviction)."""
         pos = layer.view("pos")
-        slot = victim.unsqueeze(-1)
-        right = pos.masked_fill(pos <= pos.gather(2, slot), torch.iinfo(torch.long).max)
-        pair = torch.cat([slot, right.argmin(dim=-1, keepdim=True)], dim=-1)  # (B, H, 2): victim, right
-        abar = scores.gather(2, pair)
-        index = pair.unsqueeze(-1).expand(-1, -1, -1, layer.values.shape[-1])
-        v = layer.values.gather(2, index)
-        merged = merged_value(v[:, :, :1], abar[..., :1], v[:, :, 1:], abar[..., 1:])
+        batch, heads = layer.index
+        after = pos.masked_fill(pos.le(victim.pos[..., None]), torch.iinfo(torch.long).max)
+        right = after.argmin(dim=-1)  # (B, H)
+        values = layer.values
+        v_r = values[batch, heads, right]  # (B, H, d)
+        merged = merged_value(values[batch, heads, victim.slot], victim.score[..., 0], v_r, scores[batch, heads, right])
         if not layer.owner.allocation[2]:  # no recent window: the victim may be the newest (nothing on its right)
-            merged = torch.where(right.amin(dim=-1)[..., None, None] == torch.iinfo(torch.long).max,
-                                 v[:, :, 1:], merged)
-        layer.values.scatter_(2, index[:, :, 1:], merged)
+            merged = torch.where(after.amin(dim=-1)[..., None] == torch.iinfo(torch.long).max, v_r, merged)
+        values.index_put_((batch, heads, right), merged)
 
     def before_compact(self, layer, keep: torch.Tensor) -> None:
         """Apply the prompt's merges (slots are in position order at the prompt: a fresh cache)."""
