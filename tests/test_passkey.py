@@ -87,3 +87,20 @@ def test_keys_may_repeat_digits_when_asked(tiny_gqa):
     assert any(len(set(s["answer"])) < 5 for s in task.samples(tok))
     with pytest.raises(KVBenchError, match="task.distinct_digits=false"):
         build({"name": "passkey", "digits": 11})
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_chat_switch_decides_whether_the_prompt_is_wrapped(tiny_gqa, chat):
+    """task.chat=false: a plain completion of the prompt, as the passkey papers prompt base models."""
+    from kvbench.generation import Generator
+    from kvbench.methods import build as build_method
+
+    model, tok = tiny_gqa
+    task = build({"name": "passkey", "num_samples": 1, "context_tokens": 300, "chat": chat, "max_new_tokens": 2})
+    sample = task.samples(tok)[0]
+    gen = Generator(model, tok, build_method({"name": "full"}), None, chat_format="llama2")
+    seen = []
+    encode = gen.encode
+    gen.encode = lambda text: seen.append(text) or encode(text)
+    task.evaluate(sample, gen)
+    assert (seen[0] == sample["prompt"]) is not chat and sample["prompt"] in seen[0]
