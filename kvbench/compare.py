@@ -234,6 +234,17 @@ def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) ->
             raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
 
 
+def sweep_folders(table: PaperTable, scale: str, results: str, extra: list[str]) -> list[Path]:
+    """The run folders of the experiment's own sweep (every pass): other runs in `results` with the same
+    labels (another experiment's SnapKV at 64 tokens, with another window) must not stand in for them."""
+    from kvbench.status import expected_runs
+
+    experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
+    folders = {folder for overrides in table.passes
+               for folder in expected_runs(experiment, [*overrides, f"paths.results={results}", *extra])}
+    return sorted(folders)
+
+
 def write_analysis(table: PaperTable, scale: str, results: str) -> None:
     """The value-norm profile behind the paper's motivating figure, for the experiment's first model."""
     from hydra import compose, initialize_config_dir
@@ -270,7 +281,7 @@ def reproduce(name: str, scale: str = "full", results: str = "results", run: boo
 
         if run:
             run_sweeps(table, scale, results, extra or [])
-        return write_claims(name, collect(find_runs(results)), Path(results) / "tables")
+        return write_claims(name, collect(sweep_folders(table, scale, results, extra or [])), Path(results) / "tables")
     if run:
         run_sweeps(table, scale, results, extra or [])
         if table.analysis:

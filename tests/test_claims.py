@@ -100,3 +100,15 @@ def test_uncached_registry_model_offline_is_one_clear_line(tmp_path, monkeypatch
     with pytest.raises(KVBenchError, match="make models") as err:
         fetch(spec, str(tmp_path))
     assert "\n" not in str(err.value) and not (tmp_path / "m").exists()
+
+
+def test_claims_read_only_the_experiments_own_runs(tmp_path):
+    """Another experiment's run with the same labels (task, method, budget) is not one of the sweep's."""
+    from kvbench.compare import PAPER_TABLES, sweep_folders
+
+    folders = sweep_folders(PAPER_TABLES["streamingllm_sinks"], "cpu", str(tmp_path), [])
+    assert [f.parent.name for f in folders] == ["streamingllm-sink0", "streamingllm-sink1", "streamingllm-sink4"]
+    assert all(f.is_relative_to(tmp_path / "runs" / "smollm2-135m" / "ppl_prose") for f in folders)
+    assert all(f.name.startswith("tokens32-") for f in folders)
+    decoy = folders[0].parent / "tokens32-00000000"  # e.g. a run of the same labels with other settings
+    assert decoy not in folders and len({f.name for f in folders}) == 3
