@@ -16,6 +16,14 @@ class KVBenchError(Exception):
     """A mistake the user can fix (bad config, missing file). Printed as one line, no traceback."""
 
 
+def error_exit(err: Exception) -> int:
+    """A command line's way out of a KVBenchError: one line on stderr, exit status 2."""
+    import sys
+
+    print(f"kvbench: error: {err}", file=sys.stderr)
+    return 2
+
+
 def build_dataclass(cls, params: dict, kind: str):
     """Instantiate a settings dataclass from a config mapping; unknown keys are one clear error."""
     import dataclasses

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench import KVBenchError
+from kvbench import KVBenchError, error_exit
 from kvbench.resources import PAPER_DIR
 from kvbench.results import atomic_write_text
 from kvbench.tables import collect, find_runs
@@ -304,8 +304,7 @@ def main(argv=None) -> int:
     try:
         frame, paths = reproduce(args.experiment, args.scale or "full", args.results, args.run, args.overrides)
     except KVBenchError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

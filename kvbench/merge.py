@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from kvbench import KVBenchError
+from kvbench import KVBenchError, error_exit
 from kvbench.lock import RunLock
 from kvbench.results import (
     RunFolder,
@@ -179,8 +179,7 @@ def main(argv=None) -> int:
             scores, _, records = merge(Path(folder), args.num_shards)
             print(f"{folder}: merged {len(records)} samples, average {scores['average']}")
     except KVBenchError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     return 0
 
 

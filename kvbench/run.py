@@ -30,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from kvbench import KVBenchError, methods, models, preflight, tasks
+from kvbench import KVBenchError, error_exit, methods, models, preflight, tasks
 from kvbench.cache import Budget
 from kvbench.generation import Generator
 from kvbench.identity import hashed_settings, run_id
@@ -297,8 +297,7 @@ def hydra_main(cfg: DictConfig) -> str:
     try:
         return str(execute(cfg))
     except KVBenchError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error_exit(err))
 
 
 def check_overrides(overrides: list[str]) -> str | None:

