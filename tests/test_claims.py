@@ -104,14 +104,26 @@ def test_uncached_registry_model_offline_is_one_clear_line(tmp_path, monkeypatch
 
 def test_claims_read_only_the_experiments_own_runs(tmp_path):
     """Another experiment's run with the same labels (task, method, budget) is not one of the sweep's."""
-    from kvbench.compare import PAPER_TABLES, sweep_folders
+    import json
+
+    from kvbench.compare import PAPER_TABLES, reproduce, sweep_folders
 
     folders = sweep_folders(PAPER_TABLES["streamingllm_sinks"], "cpu", str(tmp_path), [])
     assert [f.parent.name for f in folders] == ["streamingllm-sink0", "streamingllm-sink1", "streamingllm-sink4"]
     assert all(f.is_relative_to(tmp_path / "runs" / "smollm2-135m" / "ppl_prose") for f in folders)
-    assert all(f.name.startswith("tokens32-") for f in folders)
-    decoy = folders[0].parent / "tokens32-00000000"  # e.g. a run of the same labels with other settings
-    assert decoy not in folders and len({f.name for f in folders}) == 3
+
+    def fake_run(folder, ppl):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("method: {name: streamingllm}\n")
+        (folder / "scores.json").write_text(json.dumps({
+            "model": MODEL, "task": "ppl_prose", "method": folder.parent.name, "budget": "tokens32",
+            "scores": {"ppl_prose": ppl}, "n": 2}))
+
+    for folder, ppl in zip(folders, (40.0, 12.0, 11.0)):
+        fake_run(folder, ppl)
+    fake_run(folders[0].parent / "tokens32-zzzzzzzz", 11.5)  # the same labels, other settings: sorts last
+    frame, _ = reproduce("streamingllm_sinks", "cpu", str(tmp_path), run=False)
+    assert "PPL 0 sinks 40.00" in frame["numbers"][0] and frame["holds on SmolLM2"].tolist() == ["yes", "yes"]
 
 
 def test_fetching_the_text_offline_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):

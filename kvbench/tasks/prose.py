@@ -89,11 +89,14 @@ def paragraphs(path: Path | None = None) -> tuple[str, ...]:
         if not text or not text.strip("* "):
             continue
         piece: list[str] = []
+        words = 0
         for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text):
-            if piece and len(" ".join(piece + [sentence]).split()) > MAX_WORDS:
+            count = len(sentence.split())
+            if piece and words + count > MAX_WORDS:
                 out.append(" ".join(piece))
-                piece = []
+                piece, words = [], 0
             piece.append(sentence)
+            words += count
         out.append(" ".join(piece))
     return tuple(out)
 
