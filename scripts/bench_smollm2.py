@@ -5,8 +5,8 @@
 Loads `model=smollm2-135m` from the cache (fetching it first if needed), then, in one process:
 prefill tokens/s of one prompt per length through kvbench (full cache), decode tokens/s of
 greedy steps after a 1,024-token prompt (kvbench's full cache and StreamingLLM at 256, and plain
-transformers `generate` for reference), and streamed-perplexity tokens/s at batch 1 and 3 (what
-`task=ppl_prose` does). Medians of --repeats. A busy machine distorts every figure: with fewer
+transformers `generate` for reference). Medians of --repeats. Streamed perplexity (what
+`task=ppl_prose` does): `scripts/bench_ppl_batch.py --model smollm2-135m --method full --batch 3`. A busy machine distorts every figure: with fewer
 free cores than threads, torch's threads wait on each other at every op (pass --threads 1).
 """
 
@@ -24,7 +24,6 @@ from kvbench.generation import generate
 from kvbench.methods import build
 from kvbench.models import load
 from kvbench.run import CONFIG_DIR
-from kvbench.tasks.perplexity import stream_nll
 
 
 def median_seconds(repeats: int, fn, *args, **kwargs) -> float:
@@ -71,10 +70,6 @@ def main() -> None:
     hf_prefill = median_seconds(args.repeats, model.generate, ids, max_new_tokens=1, **plain)
     hf_total = median_seconds(args.repeats, model.generate, ids, max_new_tokens=args.new + 1, min_new_tokens=args.new + 1, **plain)
     print(f"| decode after 1,024 tokens, batch 1 (transformers generate) | {args.new / max(hf_total - hf_prefill, 1e-9):,.1f} |")
-    for batch in (1, 3):
-        text = torch.randint(100, 40_000, (batch, args.new + 1), generator=gen)
-        s = median_seconds(args.repeats, stream_nll, model, full, None, text)
-        print(f"| streamed perplexity, batch {batch} (tokens of all documents) | {batch * args.new / s:,.1f} |")
 
 
 if __name__ == "__main__":
