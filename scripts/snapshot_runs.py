@@ -1,0 +1,109 @@
+"""A fixed set of tiny-model runs, and a byte-for-byte comparison of two such sets (timing fields aside).
+
+Guards refactors that must not change behaviour: run it on the old code, then on the new one, then compare.
+
+    python scripts/snapshot_runs.py run OUT_DIR [--quick]    # every method on passkey, ppl_synthetic, LongBench
+                                                             # fixtures, and a sharded run (~4 min on 2 cores)
+    python scripts/snapshot_runs.py compare OLD_DIR NEW_DIR  # exit 0 when every prediction and score is equal
+
+Runs go through the command line (`python -m kvbench run ...`), as a user makes them. Files are matched by
+their labels (model/task/method/budget) and name, not by run id, so a change of the id's hashing shows as a
+missing file rather than passing silently. Fields that hold wall-clock times are dropped before comparing;
+everything else in predictions*.jsonl and scores.json must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = "tests/fixtures"
+METHODS = ("full,streamingllm,h2o,h2o-sink4,vatp,vatp-scissorhands,scissorhands,snapkv,pyramidkv,ada_snapkv,"
+           "headkv,tova,weightedkv")
+DECODE_METHODS = "full,streamingllm,h2o,h2o-sink4,vatp,scissorhands,tova,weightedkv"
+TIME_KEYS = ("seconds", "wall", "started", "time", "tokens_per_s")
+
+
+def sweeps(out: Path, fixtures: str) -> list[list[str]]:
+    common = [f"paths.results={out}", "logger=none", "model=tiny", f"paths.head_scores={fixtures}/head_scores",
+              f"hydra.sweep.dir={out}/multirun/${{now:%H-%M-%S-%f}}"]
+    return [
+        ["-m", "task=passkey", f"method={METHODS}", "budget.tokens=64,256", "task.num_samples=3",
+         "task.context_tokens=512", *common],
+        ["-m", "task=ppl_synthetic", f"method={DECODE_METHODS}", "budget.tokens=64", "task.num_samples=2",
+         "task.num_tokens=256", "task.window=256", *common],
+        ["-m", "task=longbench", "method=full,snapkv,h2o,headkv", "budget.tokens=64", f"task.data_dir={fixtures}/longbench",
+         "task.download=false", "task.subsets=[lcc,trec,hotpotqa]", "model.max_prompt_tokens=512", *common],
+        ["-m", "task=multikey", "method=snapkv", "budget.tokens=64", "task.num_samples=4", "task.context_tokens=256",
+         "run.num_shards=2", "run.shard=0,1", *common],
+    ]
+
+
+def run(out: Path, fixtures: str) -> int:
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    for args in sweeps(out, fixtures):
+        print("python -m kvbench run", " ".join(args), flush=True)
+        done = subprocess.run([sys.executable, "-m", "kvbench", "run", *args], cwd=ROOT, env=env)
+        if done.returncode:
+            return done.returncode
+    return 0
+
+
+def strip_times(value):
+    if isinstance(value, dict):
+        return {k: strip_times(v) for k, v in value.items() if not any(t in k for t in TIME_KEYS)}
+    if isinstance(value, list):
+        return [strip_times(v) for v in value]
+    return value
+
+
+def files(root: Path) -> dict[str, list]:
+    """{labels/filename: parsed content without timing fields} of every run folder under root/runs."""
+    found = {}
+    for path in sorted((root / "runs").rglob("*")):
+        if path.name == "scores.json" or (path.name.startswith("predictions") and path.suffix == ".jsonl"):
+            labels = path.relative_to(root / "runs").parts[:4]  # model/task/method/budget (the run id dir dropped)
+            text = path.read_text(encoding="utf-8")
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+                else [json.loads(text)]
+            found["/".join([*labels, path.name])] = strip_times(rows)
+    return found
+
+
+def compare(old: Path, new: Path) -> int:
+    a, b = files(old), files(new)
+    problems = [f"only in {old}: {k}" for k in sorted(set(a) - set(b))]
+    problems += [f"only in {new}: {k}" for k in sorted(set(b) - set(a))]
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key]:
+            first = next(i for i, (x, y) in enumerate(zip(a[key], b[key], strict=False)) if x != y) \
+                if len(a[key]) == len(b[key]) else "count"
+            problems.append(f"differs: {key} (row {first})")
+    for line in problems:
+        print(line)
+    print(f"{len(set(a) & set(b))} files compared, {len(problems)} problem(s)")
+    return 1 if problems or not a else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="make the fixed set of runs under OUT")
+    r.add_argument("out", type=Path)
+    r.add_argument("--fixtures", default=FIXTURES, help="the LongBench rows and head-score files (relative to the repo)")
+    c = sub.add_parser("compare", help="compare two sets made by `run`")
+    c.add_argument("old", type=Path)
+    c.add_argument("new", type=Path)
+    args = parser.parse_args(argv)
+    return run(args.out, args.fixtures) if args.command == "run" else compare(args.old, args.new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
