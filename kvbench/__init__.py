@@ -1,37 +1,32 @@
-"""kvbench: a reproducible benchmark harness for KV-cache compression in decoder LLMs."""
+"""kvbench: a reproducible benchmark harness for KV-cache compression in decoder LLMs.
+
+The public API, imported on first use so `import kvbench` stays light:
+
+    kvbench.compress(model, method="snapkv", budget=0.5)   # context manager: model.generate() compresses
+    kvbench.Session(model, policy, budget)                 # prefill() / step(): the engine's driver
+    kvbench.Budget, kvbench.methods.build, kvbench.methods.REGISTRY
+    kvbench.evaluate(model="tiny", method="h2o", budget=128, task="passkey")   # one whole run
+"""
 
 __version__ = "0.1.0"
 
+_PUBLIC = {
+    "compress": "kvbench.api",
+    "evaluate": "kvbench.api",
+    "Session": "kvbench.engine",
+    "Budget": "kvbench.engine",
+    "CompressedCache": "kvbench.engine",
+    "KVBenchError": "kvbench.errors",
+}
+
 
 def __getattr__(name: str):
-    """`kvbench.evaluate` (kvbench/api.py), imported on first use so `import kvbench` stays light."""
-    if name == "evaluate":
-        from kvbench.api import evaluate
+    if name in _PUBLIC:
+        import importlib
 
-        return evaluate
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'kvbench' has no attribute {name!r}")
 
 
-class KVBenchError(Exception):
-    """A mistake the user can fix (bad config, missing file). Printed as one line, no traceback."""
-
-
-def error_exit(err: Exception) -> int:
-    """A command line's way out of a KVBenchError: one line on stderr, exit status 2."""
-    import sys
-
-    print(f"kvbench: error: {err}", file=sys.stderr)
-    return 2
-
-
-def build_dataclass(cls, params: dict, kind: str):
-    """Instantiate a settings dataclass from a config mapping; unknown keys are one clear error."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise KVBenchError(
-            f"{kind} has no setting {', '.join(unknown)}; its settings are: {', '.join(sorted(fields))}"
-        )
-    return cls(**params)
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

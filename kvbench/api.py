@@ -1,4 +1,8 @@
-"""The Python API: one run from a notebook or a script, the same run the command line makes.
+"""The Python API: compress a loaded model's cache in your own code, or make a whole run as the command line does.
+
+    with kvbench.compress(model, method="snapkv", budget=0.5, window=8) as session:   # a loaded HF causal LM
+        tokens = session.generate(input_ids, max_new_tokens=32).tokens             # greedy, compressed cache
+        # or drive it yourself: logits = session.prefill(input_ids); logits = session.step(next_ids)
 
     import kvbench
     result = kvbench.evaluate(model="tiny", method="snapkv", budget=128, task="passkey",
@@ -13,7 +17,7 @@
 with its `tokenizer`. `budget` is tokens (an int) or a ratio of the prompt (a
 float < 1). Other settings are dotted overrides as keyword arguments
 (`**{"task.limit": 2}`; `task__limit=2` works too). With `results=DIR` the run
-folder is written under DIR/runs/ exactly as `python -m kvbench.run` writes it
+folder is written under DIR/runs/ exactly as `python -m kvbench.runner.run` writes it
 (and a finished run there is read back, not rerun); without it the run goes to
 a temporary folder that is removed afterwards.
 """
@@ -21,9 +25,39 @@ a temporary folder that is removed afterwards.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from kvbench import KVBenchError
+from kvbench.engine import Budget, Session, install
+from kvbench.engine.attention import BASE_IMPLEMENTATIONS, NAME
+from kvbench.errors import KVBenchError
+from kvbench.methods import build
+
+
+@contextmanager
+def compress(model, method: str = "snapkv", budget=None, *, reserve: int = 64, **settings) -> Iterator[Session]:
+    """A `Session` of `model` whose cache `method` (a registry name, `kvbench list methods`; its settings as
+    keyword arguments) compresses to `budget` (tokens: an int; a ratio of the prompt: a float < 1; None: the
+    method's own default or no limit). Inside the block the model runs kvbench's attention function on top of its
+    own implementation; leaving it restores the model's implementation. `reserve`: decode tokens to allocate for."""
+    policy = build({"name": method, **settings})
+    previous = model.config._attn_implementation
+    if previous != NAME:
+        install(model, base=previous if previous in BASE_IMPLEMENTATIONS else "sdpa")
+    try:
+        yield Session(model, policy, _budget(budget), reserve=reserve)
+    finally:
+        if previous != NAME:
+            model.set_attn_implementation(previous)
+
+
+def _budget(budget) -> Budget:
+    if isinstance(budget, bool) or not isinstance(budget, int | float | type(None)):
+        raise KVBenchError(f"budget={budget!r}: give tokens (an int), a ratio of the prompt (a float < 1) or None")
+    if isinstance(budget, float) and budget < 1:
+        return Budget(ratio=budget)
+    return Budget(tokens=None if budget is None else int(budget))
 
 
 def _group_overrides(model, method: str, budget, task: str, logger: str) -> list[str]:
@@ -60,13 +94,13 @@ def _loaded_model_config(model, overrides: dict) -> dict:
 
 def evaluate(model="tiny", method: str = "full", budget=None, task: str = "passkey", *, tokenizer=None,
              results: str | Path | None = None, logger: str = "none", **overrides):
-    """Run `model` x `method` x `budget` x `task` (resuming what is on disk); a `kvbench.run.RunResult`."""
+    """Run `model` x `method` x `budget` x `task` (resuming what is on disk); a `kvbench.runner.run.RunResult`."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from kvbench.attention import install
     from kvbench.resources import CONFIG_DIR
-    from kvbench.run import check_overrides, run_config
+    from kvbench.runner.main import check_overrides
+    from kvbench.runner.run import run_config
 
     loaded = not isinstance(model, str)
     if loaded and tokenizer is None:

@@ -1,13 +1,19 @@
-"""`kvbench` (or `python -m kvbench`): what can be run, and the other entry points by name.
+"""`kvbench` (or `python -m kvbench`): one command, a subcommand per job. `kvbench SUBCOMMAND --help` for each.
 
-    kvbench list                  # methods, tasks, models, experiments: one line each
-    kvbench list methods          # one group
-    kvbench run ARGS...           # = kvbench-run ARGS... (python -m kvbench.run)
-    kvbench table ARGS...         # = kvbench-table;  kvbench compare ARGS... = kvbench-compare
+    kvbench run [OVERRIDES...]          one run, or a sweep with -m (Hydra overrides: method=h2o budget.tokens=128)
+    kvbench list [GROUP...]             methods, tasks, models, experiments: one line each
+    kvbench table [--results DIR]       tables (one per task family) of every finished run
+    kvbench report [--results DIR]      tables and the budget-vs-score plot of every finished run
+    kvbench status [EXP|FOLDER]         finished / partial / missing runs of an experiment or a folder
+    kvbench merge RUN_FOLDER            join a sharded run's shards (the last shard does it by itself)
+    kvbench reproduce EXP [--scale S]   a paper's table: its sweep, then paper / ours / difference (a checkout)
+    kvbench check [--lengths N,...]     the GPU self-check: every method at 7B shape (a narrow model on the CPU)
+    kvbench fetch                       the registry-shipped model and text (SmolLM2-135M, the Britannica article)
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -41,36 +47,114 @@ def listing(groups=None) -> dict[str, dict[str, str]]:
     return out
 
 
-def print_listing(groups=None) -> None:
-    for plural, entries in listing(groups).items():
+def list_configs(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: kvbench list [{'|'.join(GROUPS)} ...]\n\nThe configs of each group, one line each.")
+        return 0
+    unknown = [g for g in argv if g not in GROUPS]
+    if unknown:
+        print(f"kvbench: error: nothing to list named {unknown[0]}; choose from: {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    for plural, entries in listing(argv or None).items():
         print(f"{plural} ({GROUPS[plural]}=NAME):")
         width = max(map(len, entries), default=0)
         for name, text in entries.items():
             print(f"  {name:<{width}}  {text}")
         print()
+    return 0
+
+
+def run(argv: list[str]) -> int:
+    from kvbench.runner.main import main as run_main
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(importlib.import_module("kvbench.runner.main").__doc__)
+        print("Hydra's own help: kvbench run --hydra-help")
+        return 0
+    sys.argv = ["kvbench run", *argv]
+    run_main()
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    import argparse
+
+    from kvbench.report.plots import main as plots_main
+    from kvbench.report.tables import main as tables_main
+
+    parser = argparse.ArgumentParser(prog="kvbench report", description="Tables and the budget-vs-score plot of "
+                                     "every finished run under a results folder.")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default="all", help="written as <results>/tables/<name>_<family>.* and "
+                        "<results>/plots/<name>_budget_vs_score.png")
+    args = parser.parse_args(argv)
+    common = ["--results", args.results, "--name", args.name]
+    return tables_main(common) or plots_main(common)
+
+
+def papers():
+    """The checkout's papers/ package (paper reproduction lives beside the library, not in the wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "papers" / "reproduce.py").exists():
+        print("kvbench: error: reproducing a paper needs a source checkout (papers/ beside kvbench/): "
+              "git clone the repository and run `make reproduce-table EXP=...` there", file=sys.stderr)
+        sys.exit(2)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("papers.reproduce")
+
+
+def fetch(argv: list[str]) -> int:
+    if argv:
+        print("usage: kvbench fetch\n\nFetch (and convert) the registry-shipped model and text once into the cache.")
+        return 0 if argv[0] in ("-h", "--help") else 2
+    from kvbench.models.registry import main as models_main
+    from kvbench.tasks.prose import main as text_main
+
+    return models_main([]) or text_main()
+
+
+def _module_main(module: str):
+    return lambda argv: importlib.import_module(module).main(argv)
+
+
+COMMANDS = {
+    "run": run,
+    "list": list_configs,
+    "table": _module_main("kvbench.report.tables"),
+    "report": report,
+    "status": _module_main("kvbench.runner.status"),
+    "merge": _module_main("kvbench.runner.merge"),
+    "reproduce": lambda argv: papers().main(argv),
+    "compare": lambda argv: papers().main(argv),  # the old name of `reproduce`
+    "check": _module_main("kvbench.check"),
+    "fetch": fetch,
+}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
-    if command == "list":
-        unknown = [g for g in rest if g not in GROUPS]
-        if unknown:
-            print(f"kvbench: error: nothing to list named {unknown[0]}; choose from: {', '.join(GROUPS)}", file=sys.stderr)
-            return 2
-        print_listing(rest or None)
-        return 0
-    if command in ("run", "table", "compare"):
-        sys.argv = [f"kvbench-{command}", *rest]
-        if command == "run":
-            from kvbench.run import main as run_main
-
-            run_main()
-            return 0
-        module = __import__(f"kvbench.{'tables' if command == 'table' else 'compare'}", fromlist=["main"])
-        return module.main(rest)
+    if command in COMMANDS:
+        return COMMANDS[command](rest) or 0
     print(__doc__.strip())
-    return 0 if command in ("help", "-h", "--help") else 2
+    if command not in ("help", "-h", "--help"):
+        print(f"\nkvbench: error: unknown command '{command}'", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_alias() -> None:
+    """`kvbench-run ...`, the old entry point: `kvbench run ...`."""
+    sys.exit(main(["run", *sys.argv[1:]]))
+
+
+def table_alias() -> None:
+    sys.exit(main(["table", *sys.argv[1:]]))
+
+
+def compare_alias() -> None:
+    sys.exit(main(["reproduce", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -44,31 +44,10 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv")  # evict while decoding
-PER_HEAD = ("headkv", "ada_snapkv", "pyramidkv")  # prefill cut, ragged store at decode
+from kvbench.check import DECODE_STAGE, build_model, method_configs, sync, write_random_head_scores
+
 VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as",
             "transpose", "t", "permute", "alias", "reshape", "as_strided", "values", "lift_fresh", "detach"}
-
-
-def method_configs(scores_path: str) -> dict:
-    """Every registered method (its registry defaults), plus the plain transformers baseline."""
-    from kvbench.methods import REGISTRY
-
-    configs = {"sdpa-full": None}
-    for name in REGISTRY:
-        configs[name] = {"name": name, **({"head_scores": scores_path} if name == "headkv" else {})}
-    return configs
-
-
-def write_random_head_scores(path: Path, layers: int, heads: int, skew: float = 4.0) -> str:
-    """HeadKV scores u**skew (u uniform): a skew like the published ones (the longest head 3-4x the mean)."""
-    from kvbench.headscores import write_head_scores
-
-    g = torch.Generator().manual_seed(0)
-    importance = torch.rand(layers, heads, generator=g) ** skew
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_head_scores(path, {(layer, h): [float(importance[layer, h])] for layer in range(layers) for h in range(heads)})
-    return str(path)
 
 
 class OpCounter(TorchDispatchMode):
@@ -91,24 +70,6 @@ class OpCounter(TorchDispatchMode):
         return sum(n for op, n in self.ops.items() if op.rstrip("_") not in VIEW_OPS)
 
 
-def build_model(args):
-    from kvbench.attention import install
-    from kvbench.models import build_tiny
-
-    shape = {
-        "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads,
-        "num_key_value_heads": args.kv_heads,
-        "max_position_embeddings": max(args.max_length * 2 + 64, 4096),
-    }
-    model, _ = build_tiny(shape, seed=0)
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    install(model, "sdpa")
-    return model
-
-
 def rss_bytes() -> int:
     import psutil
 
@@ -123,18 +84,12 @@ def peak_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def prefill(model, method_cfg, ids, budget):
     from transformers import DynamicCache
 
-    from kvbench.attention import install
-    from kvbench.cache import Budget, CompressedCache
-    from kvbench.generation import forward
+    from kvbench.engine import Budget, CompressedCache, forward
+    from kvbench.engine.attention import install
     from kvbench.methods import build
 
     if method_cfg is None:
@@ -202,9 +157,8 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
     """Per-step seconds of `steps` decode steps at budget C (after 3 warm-up steps), and the ops of one more."""
     from transformers import DynamicCache
 
-    from kvbench.attention import install
-    from kvbench.cache import Budget, CompressedCache
-    from kvbench.generation import forward
+    from kvbench.engine import Budget, CompressedCache, forward
+    from kvbench.engine.attention import install
     from kvbench.methods import build
 
     torch.manual_seed(1)

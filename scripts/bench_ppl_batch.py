@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from kvbench.cache import Budget
+from kvbench.engine import Budget
 from kvbench.methods import build
 from kvbench.models import load
 from kvbench.tasks.perplexity import stream_nll

@@ -43,9 +43,7 @@ from bench_compression import (
     write_random_head_scores,
 )
 
-from kvbench import ragged
-from kvbench.cache import Budget, CompressedCache
-from kvbench.generation import forward
+from kvbench.engine import Budget, CompressedCache, forward, ragged
 from kvbench.methods import build
 
 

@@ -11,7 +11,7 @@ out=$(mktemp -d)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} WANDB_MODE=${WANDB_MODE:-offline}
 
 t0=$(date +%s.%N)
-"$PY" -m kvbench.run logger=none "${args[@]}" paths.results="$out/one" hydra.run.dir="$out/h1" > "$out/one.log" 2>&1
+"$PY" -m kvbench.runner.run logger=none "${args[@]}" paths.results="$out/one" hydra.run.dir="$out/h1" > "$out/one.log" 2>&1
 t1=$(date +%s.%N)
 SHARDS=$n LOGS="$out/logs" PYTHON="$PY" scripts/launch_local.sh logger=none "${args[@]}" \
     paths.results="$out/sharded" hydra.run.dir="$out/h2" > /dev/null

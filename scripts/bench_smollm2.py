@@ -19,11 +19,11 @@ import time
 import torch
 import yaml
 
-from kvbench.cache import Budget
-from kvbench.generation import generate
+from kvbench.engine import Budget
 from kvbench.methods import build
 from kvbench.models import load
-from kvbench.run import CONFIG_DIR
+from kvbench.models.generator import generate
+from kvbench.resources import CONFIG_DIR
 
 
 def median_seconds(repeats: int, fn, *args, **kwargs) -> float:

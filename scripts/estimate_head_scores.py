@@ -42,8 +42,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from kvbench import KVBenchError, models
-from kvbench.headscores import (
+from kvbench import models
+from kvbench.errors import KVBenchError
+from papers.head_scores import (
     NEEDLES,
     estimate_head_scores,
     official_depths,

@@ -7,7 +7,7 @@
 #   SHARDS=4 scripts/launch_local.sh ...         # N processes without GPUs (CPU; the tests and laptops)
 #
 # Logs go to logs/launch_local/<time>/shard<i>.log; the exit code is that of the first failed shard.
-# Overrides are those of `python -m kvbench.run`, not a -m sweep (for a sweep: hydra/launcher=local).
+# Overrides are those of `python -m kvbench.runner.run`, not a -m sweep (for a sweep: hydra/launcher=local).
 set -euo pipefail
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -33,7 +33,7 @@ for ((i = 0; i < n; i++)); do
     else
         gpu=""
     fi
-    CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" -m kvbench.run "$@" run.num_shards="$n" run.shard="$i" \
+    CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" -m kvbench.runner.run "$@" run.num_shards="$n" run.shard="$i" \
         > "$logs/shard$i.log" 2>&1 &
     pids+=($!)
     echo "shard $i of $n: pid $! ${gpu:+GPU $gpu }-> $logs/shard$i.log"

@@ -39,7 +39,7 @@ def sweeps(out: Path, fixtures: str) -> list[list[str]]:
          "task.num_tokens=256", "task.window=256", *common],
         ["-m", "task=longbench", "method=full,snapkv,h2o,headkv", "budget.tokens=64", f"task.data_dir={fixtures}/longbench",
          "task.download=false", "task.subsets=[lcc,trec,hotpotqa]", "model.max_prompt_tokens=512", *common],
-        ["-m", "task=multikey", "method=snapkv", "budget.tokens=64", "task.num_samples=4", "task.context_tokens=256",
+        ["-m", "task=multikey", "method=snapkv", "budget.tokens=64", "task.num_samples=4", "task.context_tokens=512",
          "run.num_shards=2", "run.shard=0,1", *common],
     ]
 

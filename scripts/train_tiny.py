@@ -48,9 +48,9 @@ def make_batch(rng: random.Random, tokenizer, length: int, batch: int, mix: dict
 
 
 def passkey_accuracy(model, tokenizer, context_tokens: int, num_samples: int) -> float:
-    from kvbench.attention import install
-    from kvbench.generation import Generator
+    from kvbench.engine.attention import install
     from kvbench.methods import build
+    from kvbench.models.generator import Generator
     from kvbench.tasks.synthetic import Passkey
 
     model.eval()
@@ -67,7 +67,7 @@ def passkey_accuracy(model, tokenizer, context_tokens: int, num_samples: int) ->
 
 @hydra.main(config_path="../configs/train", config_name="tiny", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from kvbench.models import build_tiny
+    from kvbench.models.loading import build_tiny
 
     torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)

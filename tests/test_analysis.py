@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import DynamicCache
 
-from kvbench.analysis import value_norm_profile
+from papers.value_norms import value_norm_profile
 
 
 def test_profile_matches_the_cache_values_and_restores_attention(tiny_gqa):
@@ -29,7 +29,7 @@ def test_profile_matches_the_cache_values_and_restores_attention(tiny_gqa):
 
 
 def test_script_writes_the_json_and_rejects_an_unknown_model(tmp_path, capsys):
-    from scripts.analyze_value_norms import main
+    from papers.value_norms import main
 
     assert main(["--tokens", "64", "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "analysis" / "value_norms_tiny.json").read_text())

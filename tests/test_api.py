@@ -5,9 +5,9 @@ import json
 import pytest
 
 import kvbench
-from kvbench import KVBenchError
 from kvbench.cli import listing, main
-from kvbench.models import ASSETS_DIR
+from kvbench.errors import KVBenchError
+from kvbench.resources import ASSETS_DIR
 
 SMALL = {"task.num_samples": 2, "task.context_tokens": 300}
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvbench.attention import (
+from kvbench.engine.attention import (
     attention_column_sums,
     attention_window,
     eager_attention,

@@ -6,10 +6,10 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kvbench import KVBenchError
-from kvbench.models import BYTE_TOKENIZER_DIR
+from kvbench.errors import KVBenchError
+from kvbench.models.loading import BYTE_TOKENIZER_DIR
 from kvbench.resources import CONFIG_DIR
-from kvbench.run import execute
+from kvbench.runner.run import execute
 from kvbench.tasks import build
 
 
@@ -33,7 +33,7 @@ def test_model_path_on_the_tiny_config_is_honoured(tmp_path):
     with pytest.raises(KVBenchError, match="model.path=/no/such/model is not a model folder"):
         execute(config(tmp_path, PASSKEY, "model.path=/no/such/model"))
     assert not (tmp_path / "runs").exists()
-    from kvbench.models import ASSETS_DIR
+    from kvbench.resources import ASSETS_DIR
 
     folder = execute(config(tmp_path, PASSKEY, f"model.path={ASSETS_DIR / 'tiny-llama'}"))  # any HF folder or hub id
     assert folder.parts[-4] == "tiny-llama"  # named after the path, not filed as `tiny`

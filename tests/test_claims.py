@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 import kvbench
-from kvbench import KVBenchError
-from kvbench.claims import MODEL, claim_table, write_claims
-from kvbench.registry_models import fetch
+from kvbench.errors import KVBenchError
+from kvbench.models.registry import fetch
 from kvbench.tasks.prose import TEXT_NAME, clean_article, documents, paragraphs, prose_pieces, text_path
+from papers.claims import MODEL, claim_table, write_claims
 
 
 def long_frame(rows):
@@ -106,7 +106,7 @@ def test_claims_read_only_the_experiments_own_runs(tmp_path):
     """Another experiment's run with the same labels (task, method, budget) is not one of the sweep's."""
     import json
 
-    from kvbench.compare import PAPER_TABLES, reproduce, sweep_folders
+    from papers.reproduce import PAPER_TABLES, reproduce, sweep_folders
 
     folders = sweep_folders(PAPER_TABLES["streamingllm_sinks"], "cpu", str(tmp_path), [])
     assert [f.parent.name for f in folders] == ["streamingllm-sink0", "streamingllm-sink1", "streamingllm-sink4"]

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from kvbench.compare import PAPER_DIR, PAPER_TABLES, compare, main, paper_frame
+from papers.reproduce import PAPER_DIR, PAPER_TABLES, compare, main, paper_frame
 from tests.test_tables import fake_run
 
 
@@ -23,7 +23,7 @@ def test_paper_csvs_load_with_their_layout_and_cite_the_source():
 
 
 def test_ours_and_delta_sit_beside_the_paper(tmp_path):
-    from kvbench.tables import collect, find_runs
+    from kvbench.report.tables import collect, find_runs
 
     fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.70})
     fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink1", "tokens4096", {"ppl_pg19": 12.0})
@@ -36,7 +36,7 @@ def test_ours_and_delta_sit_beside_the_paper(tmp_path):
 
 
 def test_average_cells_full_rows_and_smoke_substitutions(tmp_path):
-    from kvbench.tables import collect, find_runs
+    from kvbench.report.tables import collect, find_runs
 
     fake_run(tmp_path, "tiny", "longbench", "vatp", "ratio0.5", {"hotpotqa": 10.0, "trec": 30.0})
     fake_run(tmp_path, "llama3-8b-instruct", "longbench", "full", "full", {"qasper": 30.0, "hotpotqa": 40.0})
@@ -73,13 +73,14 @@ def test_written_tables_and_one_line_errors(tmp_path, capsys):
 def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR, execute
-    from kvbench.tables import collect, find_runs
+    from kvbench.report.tables import collect, find_runs
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.runner.run import execute
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=headkv_longbench_smoke", "logger=none", "method=headkv",
                                            "budget.tokens=32", "task.limit=2", f"paths.results={tmp_path}"])
-    assert cfg.method.head_scores == "tests/fixtures/head_scores/tiny_r2.json"
+    assert cfg.method.head_scores == "papers/smoke/head_scores/tiny_r2.json"
     folder = execute(cfg)
     assert folder.parts[-4:-1] == ("tiny", "longbench", "headkv-r2-expand-smoke") and folder.name.startswith("tokens32-")  # per query head
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
@@ -93,7 +94,8 @@ def test_longbench_smoke_experiments_share_a_results_folder(tmp_path):
     subsets: their full-cache runs must not land in one folder (the second would be refused)."""
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR, execute
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.runner.run import execute
 
     folders = []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -118,7 +120,7 @@ def test_smoke_table_has_our_numbers_only_and_reads_back(tmp_path):
 def test_several_runs_for_one_cell_are_noted(tmp_path):
     import os
 
-    from kvbench.tables import collect, find_runs
+    from kvbench.report.tables import collect, find_runs
 
     old = fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.0},
                    folder_name="tokens4096-aaaa", task_cfg={"num_tokens": 4096})
@@ -132,7 +134,7 @@ def test_several_runs_for_one_cell_are_noted(tmp_path):
 
 
 def test_each_sweep_pass_writes_its_own_table():
-    from kvbench.compare import pass_table_name
+    from papers.reproduce import pass_table_name
 
     names = [pass_table_name("headkv_longbench_smoke", p) for p in PAPER_TABLES["headkv_longbench"].passes]
     assert names == ["headkv_longbench_smoke_runs", "headkv_longbench_smoke_runs_snapkv-window8",

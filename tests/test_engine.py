@@ -5,12 +5,12 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvbench import KVBenchError
-from kvbench.attention import install
-from kvbench.cache import Budget, CompressedCache
-from kvbench.generation import forward, generate
+from kvbench.engine import Budget, CompressedCache, forward
+from kvbench.engine.attention import install
+from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.models import load
+from kvbench.models.generator import generate
 
 from .conftest import method_config, tiny_cfg
 
@@ -209,7 +209,7 @@ def test_batch_of_equal_length_prompts_matches_single(tiny_gqa):
 
 def method_configs():
 
-    from kvbench.run import CONFIG_DIR
+    from kvbench.resources import CONFIG_DIR
 
     return {p.stem: method_config(p) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))}
 

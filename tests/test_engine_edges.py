@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kvbench.attention import MIN_BLOCK_ELEMENTS, attention_window, kvbench_attention
-from kvbench.cache import Budget, CompressedCache
-from kvbench.generation import forward
+from kvbench.engine import Budget, CompressedCache, forward
+from kvbench.engine.attention import MIN_BLOCK_ELEMENTS, attention_window, kvbench_attention
 from kvbench.methods import build
 
 from .test_attention import FakeModule

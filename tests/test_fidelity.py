@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvbench import KVBenchError
-from kvbench.attention import kvbench_attention
-from kvbench.cache import Budget, CompressedCache
+from kvbench.engine import Budget, CompressedCache
+from kvbench.engine.attention import kvbench_attention
+from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.methods.ada_snapkv import ada_caps
 from kvbench.methods.headkv import headkv_caps
@@ -299,7 +299,7 @@ def test_expand_label_and_settings():
 
 
 def test_expand_generation_on_the_tiny_model_stores_g_times_the_tokens(tiny_gqa):
-    from kvbench.generation import generate
+    from kvbench.models.generator import generate
 
     model, _ = tiny_gqa
     cfg = model.config
@@ -322,8 +322,9 @@ def test_expand_generation_on_the_tiny_model_stores_g_times_the_tokens(tiny_gqa)
 def test_chat_template_with_bos_gives_one_bos():
     from transformers import AutoTokenizer
 
-    from kvbench.generation import Generator
-    from kvbench.models import BYTE_TOKENIZER_DIR, wrap_chat
+    from kvbench.models import wrap_chat
+    from kvbench.models.generator import Generator
+    from kvbench.models.loading import BYTE_TOKENIZER_DIR
 
     tok = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
     # a Llama-3-like template that writes the BOS itself

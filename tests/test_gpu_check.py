@@ -8,7 +8,7 @@ from kvbench.methods import REGISTRY
 
 
 def test_gpu_check_runs_every_method_on_the_cpu_and_says_so(tmp_path):
-    from scripts.gpu_check import main
+    from kvbench.check import main
 
     threads = torch.get_num_threads()
     rc = main(["--device", "cpu", "--lengths", "48", "--steps", "2", "--out", str(tmp_path), "--hidden", "32",

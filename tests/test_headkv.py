@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvbench import KVBenchError
-from kvbench.attention import kvbench_attention
-from kvbench.cache import Budget, CompressedCache
-from kvbench.headscores import load_head_scores, write_head_scores
+from kvbench.engine import Budget, CompressedCache
+from kvbench.engine.attention import kvbench_attention
+from kvbench.engine.ragged import merge_partials
+from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.methods.ada_snapkv import ada_caps
 from kvbench.methods.headkv import headkv_caps
 from kvbench.methods.pyramidkv import pyramid_cap
-from kvbench.ragged import merge_partials
+from papers.head_scores import load_head_scores, write_head_scores
 
 from .test_attention import FakeModule
 from .test_methods import SCALING, D, dot, softmax
@@ -288,7 +288,7 @@ def test_headwise_settings_are_checked(tmp_path):
 
 
 def test_headkv_generation_stores_the_sum_of_caps(tmp_path, tiny_gqa):
-    from kvbench.generation import generate
+    from kvbench.models.generator import generate
 
     model, _ = tiny_gqa
     cfg = model.config
@@ -309,7 +309,7 @@ def test_headkv_generation_stores_the_sum_of_caps(tmp_path, tiny_gqa):
 
 
 def test_budget_above_prompt_equals_full(tiny_gqa):
-    from kvbench.generation import generate
+    from kvbench.models.generator import generate
 
     model, _ = tiny_gqa
     ids = torch.randint(4, 200, (1, 50), generator=torch.Generator().manual_seed(1))
@@ -321,7 +321,8 @@ def test_budget_above_prompt_equals_full(tiny_gqa):
 def run(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR, execute
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.runner.run import execute
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["logger=none", f"paths.results={tmp_path}", *overrides])
@@ -363,7 +364,7 @@ def test_headkv_runs_passkey_and_longbench_from_the_config(tmp_path, tiny_gqa):
 
 
 def test_step_scores_match_loops():
-    from kvbench.headscores import step_scores
+    from papers.head_scores import step_scores
 
     g = torch.Generator().manual_seed(0)
     rows = torch.softmax(torch.randn(3, 4, 30, generator=g) * 3, dim=-1)
@@ -384,7 +385,7 @@ def test_step_scores_match_loops():
 
 
 def test_prompt_spans_hold_the_answer_span(tiny_gqa):
-    from kvbench.headscores import BUFFER, HAYSTACK, NEEDLES, QUESTION, build_prompt
+    from papers.head_scores import BUFFER, HAYSTACK, NEEDLES, QUESTION, build_prompt
 
     _, tok = tiny_gqa
     haystack = tok(HAYSTACK.read_text(), add_special_tokens=False).input_ids
@@ -405,7 +406,7 @@ def test_prompt_spans_hold_the_answer_span(tiny_gqa):
 
 
 def test_official_lengths_depths_and_success_tests():
-    from kvbench.headscores import NEEDLES, official_depths, official_lengths, succeeded
+    from papers.head_scores import NEEDLES, official_depths, official_lengths, succeeded
 
     assert official_lengths(0, 10000, 5, None) == [0, 2500, 5000, 7500, 10000]
     assert official_lengths(0, 10000, 5, 4096) == [0, 2500, 4096]  # capped at the model's length
@@ -422,7 +423,7 @@ def test_official_lengths_depths_and_success_tests():
 
 def test_generation_stops_as_the_official_scripts(tiny_gqa, monkeypatch):
     from kvbench import headscores
-    from kvbench.attention import attention_function
+    from kvbench.engine.attention import attention_function
 
     model, tok = tiny_gqa
     newline = tok.encode("\n", add_special_tokens=False)[-1]
@@ -486,7 +487,7 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hkv", [32, 8])
 def test_varlen_path_equals_sparse_fallback_on_gpu(hkv):
-    from kvbench import ragged
+    from kvbench.engine import ragged
 
     if ragged.flash_attn_varlen_func is None:
         pytest.skip("needs flash-attn")
@@ -507,7 +508,7 @@ def test_varlen_path_equals_sparse_fallback_on_gpu(hkv):
 
 
 def test_estimation_in_process_counts_runs_and_restores_attention(tiny_gqa):
-    from kvbench.headscores import estimate_head_scores
+    from papers.head_scores import estimate_head_scores
 
     model, tok = tiny_gqa
     before = model.config._attn_implementation

@@ -2,7 +2,7 @@
 
 import copy
 
-from kvbench.identity import hashed_settings, run_id
+from kvbench.runner.identity import hashed_settings, run_id
 
 BASE = {
     "model": {"name": "tiny", "asset": "tiny-llama", "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa",
@@ -66,7 +66,7 @@ def test_full_cache_ignores_the_budget_and_paths_under_results_are_relative():
 
 
 def test_differing_settings_label_runs_that_share_their_readable_parts():
-    from kvbench.identity import differing_settings
+    from kvbench.runner.identity import differing_settings
 
     demo = hashed_settings(changed("task.depth_max", 0.5))
     default = hashed_settings(changed("task.depth_max", 1.0))
@@ -80,7 +80,7 @@ def test_fewer_samples_reuse_the_folder_and_keep_every_record(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from kvbench.resources import CONFIG_DIR
-    from kvbench.run import run_config
+    from kvbench.runner.run import run_config
 
     def cfg(n):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbench import KVBenchError
+from kvbench.errors import KVBenchError
 from kvbench.tasks import build
 from kvbench.tasks.longbench import SPEC, TASKS, build_prompt, data_files, extract_data_zip, newline_token_id
 from kvbench.tasks.metrics import (
@@ -201,7 +201,8 @@ def test_data_zip_is_unzipped(tmp_path, monkeypatch):
 def run_longbench(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR, execute
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.runner.run import execute
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[
@@ -213,7 +214,7 @@ def run_longbench(tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_all_16_tasks_run_and_tabulate(tmp_path):
-    from kvbench.tables import build_tables
+    from kvbench.report.tables import build_tables
 
     folder = run_longbench(tmp_path, "method=full")
     scores = json.loads((folder / "scores.json").read_text())

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvbench import KVBenchError
-from kvbench.attention import kvbench_attention
-from kvbench.cache import Budget, CompressedCache
+from kvbench.engine import Budget, CompressedCache
+from kvbench.engine.attention import kvbench_attention
+from kvbench.errors import KVBenchError
 from kvbench.methods import REGISTRY, build
 
 from .conftest import method_config
@@ -215,7 +215,7 @@ def test_kept_set_matches_reference_at_prefill_and_every_decode_step(case, hkv):
 
 
 def test_every_registered_method_has_a_config_and_a_case():
-    from kvbench.run import CONFIG_DIR
+    from kvbench.resources import CONFIG_DIR
 
     names = {build(method_config(p)).name for p in (CONFIG_DIR / "method").glob("*.yaml")}
     assert names == set(REGISTRY)

@@ -3,8 +3,9 @@ import filecmp
 import pytest
 import torch
 
-from kvbench import KVBenchError
-from kvbench.models import BYTE_TOKENIZER_DIR, build_byte_tokenizer, load, wrap_chat
+from kvbench.errors import KVBenchError
+from kvbench.models import load, wrap_chat
+from kvbench.models.loading import BYTE_TOKENIZER_DIR, build_byte_tokenizer
 
 from .conftest import tiny_cfg
 
@@ -78,7 +79,7 @@ def test_chat_formats():
 
 
 def test_shipped_asset_model_loads(tmp_path, monkeypatch, tiny_gqa):
-    import kvbench.models as models
+    import kvbench.models.loading as models
 
     model, tok = tiny_gqa
     (tmp_path / "tiny-llama").mkdir()

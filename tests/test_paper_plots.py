@@ -5,7 +5,8 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kvbench.run import CONFIG_DIR, execute
+from kvbench.resources import CONFIG_DIR
+from kvbench.runner.run import execute
 
 pytest.importorskip("matplotlib")
 NOTEBOOK = CONFIG_DIR.parent / "notebooks" / "paper_plots.ipynb"
@@ -16,7 +17,7 @@ PNGS = {"paper_score_vs_budget.png", "paper_ppl_vs_cache.png", "paper_head_budge
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Tiny runs of every kind the figures read: retrieval at two budgets, perplexity, a value-norm profile."""
-    from kvbench.analysis import write_value_norms
+    from papers.value_norms import write_value_norms
 
     root = tmp_path_factory.mktemp("results")
     runs = [["task.context_tokens=300", "task.num_samples=2", "method=snapkv", f"budget.tokens={b}"] for b in (32, 64)]
@@ -31,7 +32,7 @@ def results(tmp_path_factory):
 
 
 def test_script_writes_every_figure(results, capsys):
-    from scripts.paper_plots import main
+    from papers.plots import main
 
     assert main(["--results", str(results)]) == 0
     assert PNGS <= {p.name for p in (results / "plots").glob("*.png")}

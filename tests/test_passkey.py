@@ -1,6 +1,6 @@
 import pytest
 
-from kvbench import KVBenchError
+from kvbench.errors import KVBenchError
 from kvbench.tasks import build
 from kvbench.tasks.synthetic import INTRO, NEEDLE, QUESTION, first_number
 
@@ -71,7 +71,7 @@ def test_training_documents_have_exact_length_and_answer():
 def test_synthetic_task_names_compose_to_the_synthetic_tasks():
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR
+    from kvbench.resources import CONFIG_DIR
 
     expected = {"synthetic_passkey": "passkey", "synthetic_multikey": "multikey", "synthetic_ppl": "perplexity"}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -80,7 +80,7 @@ def test_synthetic_task_names_compose_to_the_synthetic_tasks():
 
 
 def test_keys_may_repeat_digits_when_asked(tiny_gqa):
-    from kvbench import KVBenchError
+    from kvbench.errors import KVBenchError
 
     _, tok = tiny_gqa
     task = build({"name": "passkey", "num_samples": 40, "context_tokens": 300, "distinct_digits": False})
@@ -92,8 +92,8 @@ def test_keys_may_repeat_digits_when_asked(tiny_gqa):
 @pytest.mark.parametrize("chat", [True, False])
 def test_chat_switch_decides_whether_the_prompt_is_wrapped(tiny_gqa, chat):
     """task.chat=false: a plain completion of the prompt, as the passkey papers prompt base models."""
-    from kvbench.generation import Generator
     from kvbench.methods import build as build_method
+    from kvbench.models.generator import Generator
 
     model, tok = tiny_gqa
     task = build({"name": "passkey", "num_samples": 1, "context_tokens": 300, "chat": chat, "max_new_tokens": 2})

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench import KVBenchError
-from kvbench.attention import install
-from kvbench.cache import Budget
+from kvbench.engine import Budget
+from kvbench.engine.attention import install
+from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.tasks import build as build_task
 from kvbench.tasks.perplexity import load_documents, sliding_nll, sliding_windows, stream_nll
@@ -109,7 +109,7 @@ def test_seeded_sampling_and_truncation(tmp_path, tiny_gqa):
 
 
 def test_snapkv_has_no_stream(tiny_gqa):
-    from kvbench.generation import Generator
+    from kvbench.models.generator import Generator
 
     model, tok = tiny_gqa
     task = build_task({"name": "perplexity", "dataset": "x", "source": "unused.txt"})
@@ -122,8 +122,9 @@ def test_snapkv_has_no_stream(tiny_gqa):
 def test_end_to_end_batched_run_and_table(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import CONFIG_DIR, execute
-    from kvbench.tables import build_tables
+    from kvbench.report.tables import build_tables
+    from kvbench.resources import CONFIG_DIR
+    from kvbench.runner.run import execute
 
     (tmp_path / "books.jsonl").write_text("\n".join(json.dumps({"text": f"Chapter {i}. " + "the river runs on " * 30}) for i in range(4)))
     overrides = ["logger=none", f"paths.results={tmp_path}", "task=ppl_pg19", f"task.source={tmp_path / 'books.jsonl'}",

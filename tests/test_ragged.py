@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kvbench.ragged import RaggedKV
+from kvbench.engine.ragged import RaggedKV
 
 
 def naive(query, heads, scaling):

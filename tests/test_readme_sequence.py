@@ -1,7 +1,7 @@
 """The README's commands, in the README's order after `make demo-tiny`, all run (scaled down, in a tmp folder).
 
 Each command of README.md's "Running" block (and `make demo-tiny` / `make sweep` as the Makefile spells
-them) runs in-process through `kvbench.run.main`, with one sample of 300 tokens; the demo's sweep is
+them) runs in-process through `kvbench.runner.run.main`, with one sample of 300 tokens; the demo's sweep is
 narrowed to two methods on passkey. Every command must exit 0 and each distinct setting get its own run.
 """
 
@@ -18,7 +18,7 @@ DEMO_NARROW = ["task=passkey", "method=full,streamingllm", "budget.tokens=128"]
 
 
 def make_recipe(target: str, assignments: dict) -> list[str]:
-    """The arguments `make <target> VAR=...` passes to `python -m kvbench.run`, from the Makefile."""
+    """The arguments `make <target> VAR=...` passes to `python -m kvbench.runner.run`, from the Makefile."""
     text = (ROOT / "Makefile").read_text()
     defaults = dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", text, flags=re.M))
     recipe = re.search(rf"^{target}:.*\n\t\$\(PY\) -m kvbench\.run (.*)$", text, flags=re.M).group(1)
@@ -32,7 +32,7 @@ def readme_commands() -> list[list[str]]:
     commands = [make_recipe("demo-tiny", {})]  # the fast demo; `make demo` is the real model's
     for line in block.splitlines():
         line = line.split("#", 1)[0].strip()
-        if line.startswith("python -m kvbench.run"):
+        if line.startswith("python -m kvbench.runner.run"):
             commands.append(line.split()[3:])
         elif line.startswith("make sweep"):
             commands.append(make_recipe("sweep", dict(a.split("=", 1) for a in line.split()[2:])))
@@ -53,7 +53,7 @@ def test_readme_commands_run_in_order_after_the_demo(tmp_path, monkeypatch):
     commands = readme_commands()
     assert len(commands) >= 7 and commands[0] == ["-m", "experiment=demo"]
     monkeypatch.chdir(tmp_path)
-    from kvbench.run import main
+    from kvbench.runner.main import main
 
     for args in commands:
         GlobalHydra.instance().clear()

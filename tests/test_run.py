@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kvbench import KVBenchError
-from kvbench.run import CONFIG_DIR, check_overrides, execute
+from kvbench.errors import KVBenchError
+from kvbench.resources import CONFIG_DIR
+from kvbench.runner.main import check_overrides
+from kvbench.runner.run import execute
 from kvbench.tasks.synthetic import Passkey
 
 SMALL = ["task.context_tokens=300"]
@@ -87,7 +89,7 @@ def test_run_folder_files_and_meta(tmp_path):
     expected = sum(32 / r["n_prompt"] for r in records) / len(records)
     grid = meta["kv"]["kv_kept_fraction_per_layer_head"]  # StreamingLLM keeps 32 of the prompt in every head
     assert all(cell == pytest.approx(expected, abs=1e-4) for row in grid for cell in row)
-    assert meta["command"].startswith("python -m kvbench.run")
+    assert meta["command"].startswith("python -m kvbench.runner.run")
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["n"] == 3 and set(scores["scores"]) == {"passkey"}
 
@@ -133,7 +135,7 @@ def test_override_precheck_names_valid_choices():
 def cli(tmp_path, *args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "kvbench.run", *args, f"paths.results={tmp_path / 'results'}"],
+        [sys.executable, "-m", "kvbench.runner.run", *args, f"paths.results={tmp_path / 'results'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kvbench import KVBenchError
-from kvbench.lock import RunLock
-from kvbench.merge import main as merge_main
-from kvbench.results import read_records
-from kvbench.run import _resolve, execute, plan
-from kvbench.shards import Shard, interleave
+from kvbench.errors import KVBenchError
+from kvbench.runner.folder import read_records
+from kvbench.runner.lock import RunLock
+from kvbench.runner.merge import main as merge_main
+from kvbench.runner.run import execute, plan, resolve
+from kvbench.runner.shards import Shard, interleave
 from tests.test_run import config, read_jsonl
 
 ARGS = ["method=h2o", "budget.tokens=64", "task.num_samples=5"]
@@ -24,7 +24,7 @@ TIMING = {"seconds", "prefill_seconds", "wall_seconds"}
 
 def run_folder(tmp_path, *args):
     """The folder a config runs in (model/task/method/<budget>-<run id>)."""
-    return plan(_resolve(config(tmp_path, *args)))[-1]
+    return plan(resolve(config(tmp_path, *args))).path
 
 
 def strip(records):
@@ -74,7 +74,7 @@ def test_merge_command_names_missing_shards_then_merges_after_a_job_died(tmp_pat
     assert not (first / "scores.json").exists() and (first / "meta.0-of-2.json").exists()
     assert merge_main([str(first)]) == 2
     assert "shard(s) 1 of 2 not finished" in capsys.readouterr().err
-    monkeypatch.setattr("kvbench.merge.merge", lambda *args, **kwargs: None)  # the last job died right there
+    monkeypatch.setattr("kvbench.runner.merge.merge", lambda *args, **kwargs: None)  # the last job died right there
     execute(config(tmp_path, *ARGS, "run.num_shards=2", "run.shard=1"))
     assert not (first / "scores.json").exists()
     monkeypatch.undo()
@@ -84,7 +84,7 @@ def test_merge_command_names_missing_shards_then_merges_after_a_job_died(tmp_pat
 
 
 def test_rerun_of_a_finished_shard_does_the_merge_its_last_job_missed(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvbench.merge.merge", lambda *args, **kwargs: None)
+    monkeypatch.setattr("kvbench.runner.merge.merge", lambda *args, **kwargs: None)
     for i in range(2):
         folder = execute(config(tmp_path, *ARGS, "run.num_shards=2", f"run.shard={i}"))
     monkeypatch.undo()
@@ -95,7 +95,7 @@ def test_rerun_of_a_finished_shard_does_the_merge_its_last_job_missed(tmp_path, 
 
 # ----------------------------------------------------------------------------- locks (real processes)
 
-HOLD = "import sys, time; from kvbench.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from kvbench.runner.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
 
 
 def test_second_process_gets_the_lock_error_and_writes_nothing(tmp_path):
@@ -146,7 +146,7 @@ def test_shard_killed_mid_way_resumes(tmp_path):
     args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=10",
             "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    job = subprocess.Popen([sys.executable, "-m", "kvbench.run", *args], cwd=tmp_path, env=env,
+    job = subprocess.Popen([sys.executable, "-m", "kvbench.runner.run", *args], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = run_folder(tmp_path, *ARGS)
     shard_file = folder / "predictions.0-of-2.jsonl"
@@ -208,14 +208,14 @@ def test_a_run_refused_for_other_settings_leaves_no_lock(tmp_path):
 
 def test_an_error_before_the_sample_loop_releases_the_lock(tmp_path, monkeypatch):
     # the Python API's process lives on after an error: a lock left behind would refuse its next call
-    import kvbench.run
+    import kvbench.runner.run
 
     def broken(*args, **kwargs):
         raise RuntimeError("generator failed")
 
     finished = []
-    monkeypatch.setattr(kvbench.run, "Generator", broken)
-    monkeypatch.setattr(kvbench.run.Tracker, "finish", lambda self, exit_code=0: finished.append(exit_code))
+    monkeypatch.setattr(kvbench.runner.run, "Generator", broken)
+    monkeypatch.setattr(kvbench.runner.run.Tracker, "finish", lambda self, exit_code=0: finished.append(exit_code))
     with pytest.raises(RuntimeError, match="generator failed"):
         execute(config(tmp_path, *ARGS, "task.num_samples=1"))
     folder = run_folder(tmp_path, *ARGS, "task.num_samples=1")

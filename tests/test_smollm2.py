@@ -13,14 +13,14 @@ import torch.nn.functional as F
 import yaml
 
 import kvbench
-from kvbench import KVBenchError
-from kvbench.attention import install
-from kvbench.cache import Budget
-from kvbench.generation import Generator, generate
+from kvbench.engine import Budget
+from kvbench.engine.attention import install
+from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.models import load, wrap_chat
-from kvbench.registry_models import fetch, is_cached, model_folder
-from kvbench.run import CONFIG_DIR
+from kvbench.models.generator import Generator, generate
+from kvbench.models.registry import fetch, is_cached, model_folder
+from kvbench.resources import CONFIG_DIR
 from kvbench.tasks.perplexity import stream_nll
 
 from .conftest import method_config
@@ -128,7 +128,7 @@ def test_longbench_fixture_end_to_end_through_the_chat_template(smollm2, tmp_pat
 
     from hydra import compose, initialize_config_dir
 
-    from kvbench.run import execute
+    from kvbench.runner.run import execute
 
     fixtures = Path(__file__).parent / "fixtures" / "longbench"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -1,12 +1,12 @@
-"""`python -m kvbench.status`: finished / partial (n of m, which shards) / missing, for a folder or an experiment."""
+"""`python -m kvbench.runner.status`: finished / partial (n of m, which shards) / missing, for a folder or an experiment."""
 
 import json
 import os
 import re
 
-from kvbench.lock import RunLock
-from kvbench.run import _resolve, execute, plan
-from kvbench.status import main
+from kvbench.runner.lock import RunLock
+from kvbench.runner.run import execute, plan, resolve
+from kvbench.runner.status import main
 from tests.test_run import config
 
 # the demo experiment narrowed to the settings the runs below are made with (a setting is part of a run's id)
@@ -26,7 +26,7 @@ def test_status_of_a_sweep_and_of_a_results_folder(tmp_path, capsys):
     execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=2"))  # 2 of the 3
     sharded = ["method=h2o", "budget.tokens=64", "task.num_samples=3", "run.num_shards=3"]
     execute(config(tmp_path, *sharded, "run.shard=0"))
-    h2o = plan(_resolve(config(tmp_path, *sharded)))[-1]
+    h2o = plan(resolve(config(tmp_path, *sharded))).path
     (h2o / "predictions.2-of-3.jsonl").write_text(json.dumps({"id": "passkey-2"}) + "\n")  # shard 2 died
     lock = RunLock(h2o / ".lock.1-of-3").acquire()  # shard 1 is being written (by this process, here)
     lock.path.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(), "since": "now"}))

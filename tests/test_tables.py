@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kvbench.tables import build_tables, collect, find_runs, main, natural_key, pivot
+from kvbench.report.tables import build_tables, collect, find_runs, main, natural_key, pivot
 
 TASK_NAMES = {"passkey": "passkey", "multikey": "multikey"}
 
@@ -110,7 +110,7 @@ def test_plot_one_colour_per_method_reference_lines_and_numeric_panels(tmp_path)
     pytest.importorskip("matplotlib")
     from matplotlib.colors import to_hex
 
-    from kvbench.plots import budget_vs_score, budget_vs_score_figure
+    from kvbench.report.plots import budget_vs_score, budget_vs_score_figure
 
     for window in (128, 32, 64):  # created out of order: panels must still read w32, w64, w128
         task = f"ppl_synthetic_w{window}"
@@ -145,7 +145,7 @@ def test_plot_one_colour_per_method_reference_lines_and_numeric_panels(tmp_path)
 
 def test_plot_ratio_budgets(tmp_path):
     pytest.importorskip("matplotlib")
-    from kvbench.plots import budget_vs_score_figure
+    from kvbench.report.plots import budget_vs_score_figure
 
     for ratio in (0.5, 0.25):
         fake_run(tmp_path, "tiny", "longbench", "vatp", f"ratio{ratio}", {"trec": ratio * 100}, ratio=ratio, kept=ratio * 400)
@@ -162,7 +162,7 @@ def test_plot_ratio_budgets(tmp_path):
 def test_an_ad_hoc_sweep_table_is_named_after_its_sweep(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from kvbench.run import SweepTableCallback
+    from kvbench.report.sweep import SweepTableCallback
 
     runs = [fake_run(tmp_path, "tiny", "passkey", "full", "full", {"passkey": 100.0}),
             fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 50.0}, 64)]

@@ -4,10 +4,11 @@ too small to hold the needle loses it. Behaviour, not shapes; skipped if the ass
 import pytest
 import torch
 
-from kvbench.cache import Budget
-from kvbench.generation import Generator
+from kvbench.engine import Budget
 from kvbench.methods import build
-from kvbench.models import ASSETS_DIR, load
+from kvbench.models import load
+from kvbench.models.generator import Generator
+from kvbench.resources import ASSETS_DIR
 from kvbench.tasks.synthetic import Passkey
 
 pytestmark = pytest.mark.skipif(not (ASSETS_DIR / "tiny-llama" / "config.json").exists(),

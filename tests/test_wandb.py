@@ -5,8 +5,9 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
-from kvbench.run import CONFIG_DIR, execute
-from kvbench.tracking import DASHBOARD_CONFIG, DASHBOARD_METRICS
+from kvbench.resources import CONFIG_DIR
+from kvbench.runner.run import execute
+from kvbench.runner.tracking import DASHBOARD_CONFIG, DASHBOARD_METRICS
 
 
 def test_offline_run_holds_the_dashboard_keys(tmp_path, monkeypatch):
@@ -23,7 +24,7 @@ def test_offline_run_holds_the_dashboard_keys(tmp_path, monkeypatch):
 
 
 def test_dashboard_script_offline_is_one_clear_line(monkeypatch, capsys):
-    from scripts.wandb_dashboard import main
+    from kvbench.report.dashboard import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["--entity", "someone"]) == 2
@@ -33,7 +34,7 @@ def test_dashboard_script_offline_is_one_clear_line(monkeypatch, capsys):
 
 def test_dashboard_groups_by_method_and_plots_budget_against_score():
     pytest.importorskip("wandb_workspaces")
-    from scripts.wandb_dashboard import build_workspace
+    from kvbench.report.dashboard import build_workspace
 
     workspace = build_workspace("someone", "kvbench", experiment="weightedkv_ppl")
     assert "method_name" in str(workspace.runset_settings.groupby)

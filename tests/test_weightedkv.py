@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvbench.attention import kvbench_attention
-from kvbench.cache import Budget, CompressedCache
+from kvbench.engine import Budget, CompressedCache
+from kvbench.engine.attention import kvbench_attention
 from kvbench.methods import build
 from kvbench.methods.weightedkv import merged_value
 

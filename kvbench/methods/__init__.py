@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbench import KVBenchError, build_dataclass
+from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.methods.ada_snapkv import AdaSnapKV
 from kvbench.methods.base import Method
 from kvbench.methods.full import Full

@@ -29,8 +29,9 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import KVBenchError
-from kvbench.methods.headwise import HeadwiseSnapKV, ModelShape
+from kvbench.engine.types import ModelShape
+from kvbench.errors import KVBenchError
+from kvbench.methods.headwise import HeadwiseSnapKV
 
 
 def ada_caps(prefix_scores: torch.Tensor, per_head: int, floor: float, normalize: bool = True) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""What every compression method shares; the engine (kvbench.cache) does the rest.
+"""What every compression method shares; the engine (kvbench.engine) does the rest.
 
 A method is a small dataclass. The engine asks it four things:
 
@@ -20,24 +20,15 @@ positions and budgets live once in the engine, not in each method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 
-from kvbench import KVBenchError
-from kvbench.attention import Stats, StatsRequest
+from kvbench.engine.budget import Budget
+from kvbench.engine.types import LayerView, ModelShape, Stats, StatsRequest, Victim
+from kvbench.errors import KVBenchError
 
-if TYPE_CHECKING:
-    from kvbench.cache import Budget
-
-class Victim(NamedTuple):
-    """The token a decode step evicts in each (batch, head): its slot and position (batch, heads), and its
-    eviction score (batch, heads, 1) float32."""
-
-    slot: torch.Tensor
-    pos: torch.Tensor
-    score: torch.Tensor
-
+__all__ = ["Method", "ModelShape", "Victim"]
 
 STAGES = ("prefill", "decode")
 GQA_LAYOUTS = ("kv", "expand")
@@ -98,22 +89,22 @@ class Method:
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest()
 
-    def prefill_scores(self, layer, stats: Stats) -> torch.Tensor | None:
+    def prefill_scores(self, layer: LayerView, stats: Stats) -> torch.Tensor | None:
         return None
 
-    def decode_update(self, layer, stats: Stats) -> None:
+    def decode_update(self, layer: LayerView, stats: Stats) -> None:
         return None
 
-    def before_compact(self, layer, keep: torch.Tensor) -> None:
+    def before_compact(self, layer: LayerView, keep: torch.Tensor) -> None:
         """Called with the slots about to be kept at the prompt cut (methods that merge act here)."""
         return None
 
-    def before_evict(self, layer, victim, scores: torch.Tensor | None) -> None:
+    def before_evict(self, layer: LayerView, victim, scores: torch.Tensor | None) -> None:
         """Called at a decode step with the token about to be evicted (a `Victim`; for recency, scores None,
         its slot) and the eviction scores."""
         return None
 
-    def eviction_scores(self, layer) -> torch.Tensor | None:
+    def eviction_scores(self, layer: LayerView) -> torch.Tensor | None:
         """Lowest is evicted first (the older of equal scores); None (the default): recency, the oldest
         token after the sinks goes."""
         return None

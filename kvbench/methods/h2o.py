@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench import KVBenchError
-from kvbench.attention import StatsRequest
+from kvbench.engine.types import StatsRequest
+from kvbench.errors import KVBenchError
 from kvbench.methods.base import Method
 
 

@@ -43,12 +43,14 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import KVBenchError
-from kvbench.headscores import load_head_scores
-from kvbench.methods.headwise import HeadwiseSnapKV, ModelShape
+from kvbench.engine.types import ModelShape
+from kvbench.errors import KVBenchError
+from kvbench.methods.head_scores import load_head_scores
+from kvbench.methods.headwise import HeadwiseSnapKV
+from kvbench.resources import ASSETS_DIR
 
 VARIANTS = ("r", "r2")
-SHIPPED_SCORES = Path(__file__).resolve().parent.parent / "assets" / "head_scores"  # <model>_<variant>.json
+SHIPPED_SCORES = ASSETS_DIR / "head_scores"  # <model>_<variant>.json
 
 
 def find_head_scores(path: str) -> str:

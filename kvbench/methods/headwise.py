@@ -10,7 +10,7 @@ KVCache-Factory's and HeadKV's LongBench runners) score the prefix j < L - w:
 The methods differ only in `prefix_caps`, the number of prefix tokens cap_h each
 head keeps out of B = C - w per head on average. Heads of one layer then hold
 different numbers of tokens, so the engine moves the layer to a ragged store
-(`kvbench.ragged`): the bytes stored are the sum of the heads' budgets.
+(`kvbench.engine.ragged`): the bytes stored are the sum of the heads' budgets.
 `gqa: kv` (default) gives a budget to every KV head; `gqa: expand` to every
 query head, as the reference codes do (see `snapkv.py`).
 Prefill only; decoded tokens are appended to every head, never evicted.
@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.methods.snapkv import ModelShape, SnapKV
-
-__all__ = ["HeadwiseSnapKV", "ModelShape"]
+from kvbench.engine.types import ModelShape
+from kvbench.methods.snapkv import SnapKV
 
 
 @dataclass

@@ -19,8 +19,9 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import KVBenchError
-from kvbench.methods.headwise import HeadwiseSnapKV, ModelShape
+from kvbench.engine.types import ModelShape
+from kvbench.errors import KVBenchError
+from kvbench.methods.headwise import HeadwiseSnapKV
 
 
 def pyramid_cap(layer_idx: int, num_layers: int, per_head: int, prefix: int, beta: int) -> int:

@@ -35,18 +35,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvbench import KVBenchError
-from kvbench.attention import StatsRequest
+from kvbench.engine.types import ModelShape, StatsRequest
+from kvbench.errors import KVBenchError
 from kvbench.methods.base import Method
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What a per-head allocation needs to know of the model."""
-
-    num_layers: int
-    query_heads: int
-    kv_heads: int
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:

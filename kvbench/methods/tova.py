@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench.attention import StatsRequest
+from kvbench.engine.types import StatsRequest
 from kvbench.methods.base import Method
 
 

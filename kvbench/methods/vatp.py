@@ -44,8 +44,8 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import KVBenchError
-from kvbench.attention import StatsRequest
+from kvbench.engine.types import StatsRequest
+from kvbench.errors import KVBenchError
 from kvbench.methods.h2o import H2O
 
 BASES = ("h2o", "scissorhands")

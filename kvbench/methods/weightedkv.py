@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.attention import StatsRequest
+from kvbench.engine.types import StatsRequest
 from kvbench.methods.base import Method
 
 
@@ -153,7 +153,7 @@ class WeightedKV(Method):
         values = layer.values
         v_r = values[batch, heads, right]  # (B, H, d)
         merged = merged_value(values[batch, heads, victim.slot], victim.score[..., 0], v_r, scores[batch, heads, right])
-        if not layer.owner.allocation[2]:  # no recent window: the victim may be the newest (nothing on its right)
+        if not layer.recent:  # no recent window: the victim may be the newest (nothing on its right)
             merged = torch.where(after.amin(dim=-1)[..., None] == torch.iinfo(torch.long).max, v_r, merged)
         values.index_put_((batch, heads, right), merged)
 

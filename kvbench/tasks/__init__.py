@@ -12,7 +12,7 @@ A task provides
 
 from __future__ import annotations
 
-from kvbench import KVBenchError, build_dataclass
+from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.tasks.longbench import LongBench
 from kvbench.tasks.perplexity import Perplexity
 from kvbench.tasks.synthetic import MultiKey, Passkey

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from kvbench import KVBenchError
+from kvbench.errors import KVBenchError
 from kvbench.models import wrap_chat
 from kvbench.tasks.longbench_rows import check_rows, read_jsonl
 from kvbench.tasks.metrics import best_over_answers, first_line, length_bucket, task_score

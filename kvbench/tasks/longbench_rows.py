@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from kvbench import KVBenchError
+from kvbench.errors import KVBenchError
 
 REQUIRED = ("_id", "context", "input", "answers")  # what the prompt templates and the scoring read
 REFETCH = "re-download it with `python scripts/prepare_longbench.py --out DIR`, or fix the line"

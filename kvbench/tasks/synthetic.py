@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvbench import KVBenchError
+from kvbench.errors import KVBenchError
 from kvbench.tasks.metrics import task_score
 
 INTRO = (

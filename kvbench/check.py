@@ -1,0 +1,263 @@
+"""The first thing to run on a CUDA machine: every method on a random Llama-2-7B-shaped model, checked and timed.
+
+    make gpu-check                                  # or: kvbench check
+    kvbench check --lengths 4096                    # one length only
+
+On CUDA: a random Llama of Llama-2-7B's shape (32 layers, 4,096 wide, 32 heads,
+bf16) at 4k, 16k and 32k tokens. On a machine without CUDA the same code runs
+on a narrow model at short lengths, and the report says it is a CPU run (it
+checks the code paths, not a GPU).
+
+For each length, a plain transformers sdpa prefill + decode is the baseline;
+then every registered method (HeadKV with random skewed head scores) runs
+prefill + `--steps` greedy decode steps twice:
+
+- compressed to 1/8 of the prompt: no error, finite logits, and time and peak
+  memory (CUDA max allocated) as ratios to the baseline;
+- with a budget above the prompt: the greedy tokens must equal kvbench's full
+  cache (nothing is compressed), and the largest logit difference is reported.
+
+With flash-attn installed it also runs the full cache on `flash_attention_2`
+and checks each per-head method's varlen path against the sparse fallback.
+Writes one JSON and one markdown report under `--out`; exits 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvbench.engine import Budget, Session, install
+from kvbench.methods import REGISTRY, build
+from kvbench.methods.head_scores import write_head_scores
+from kvbench.models.loading import build_tiny
+
+DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv")  # evict while decoding
+PER_HEAD = ("headkv", "ada_snapkv", "pyramidkv")  # prefill cut, ragged store at decode
+
+
+GPU_SHAPE = {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "lengths": "4096,16384,32768"}
+CPU_SHAPE = {"hidden": 128, "intermediate": 344, "layers": 2, "heads": 8, "kv_heads": 2, "lengths": "256,1024"}
+
+
+# ----------------------------------------------------------------------------- shared with scripts/bench_*.py
+
+
+def method_configs(scores_path: str) -> dict:
+    """Every registered method (its registry defaults), plus the plain transformers baseline."""
+    configs = {"sdpa-full": None}
+    for name in REGISTRY:
+        configs[name] = {"name": name, **({"head_scores": scores_path} if name == "headkv" else {})}
+    return configs
+
+
+def write_random_head_scores(path: Path, layers: int, heads: int, skew: float = 4.0) -> str:
+    """HeadKV scores u**skew (u uniform): a skew like the published ones (the longest head 3-4x the mean)."""
+    g = torch.Generator().manual_seed(0)
+    importance = torch.rand(layers, heads, generator=g) ** skew
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_head_scores(path, {(layer, h): [float(importance[layer, h])] for layer in range(layers) for h in range(heads)})
+    return str(path)
+
+
+def build_model(args):
+    shape = {
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": max(args.max_length * 2 + 64, 4096),
+    }
+    model, _ = build_tiny(shape, seed=0)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    install(model, "sdpa")
+    return model
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+def run_plain(model, ids, steps, device) -> dict:
+    """Plain transformers sdpa prefill + greedy decode with its DynamicCache: the baseline."""
+    from transformers import DynamicCache
+
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    peak_reset(device)
+    start = time.perf_counter()
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    sync(device)
+    prefill_s, tokens, step_s = time.perf_counter() - start, [], []
+    for _ in range(steps):
+        token = logits.argmax(-1)[:, None]
+        tokens.append(int(token))
+        start = time.perf_counter()
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        sync(device)
+        step_s.append(time.perf_counter() - start)
+    return {"prefill_s": prefill_s, "step_s": sorted(step_s)[len(step_s) // 2], "peak": peak(device), "tokens": tokens,
+            "logits": logits.float(), "finite": bool(torch.isfinite(logits).all())}
+
+
+@torch.inference_mode()
+def run_kvbench(model, cfg, ids, budget, steps, device, base="sdpa") -> dict:
+    """kvbench's cache: prefill (compressed to `budget`) + greedy decode; the same fields as `run_plain`."""
+    install(model, base)
+    session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps)
+    peak_reset(device)
+    start = time.perf_counter()
+    logits = session.prefill(ids)[:, -1]
+    sync(device)
+    prefill_s, tokens, step_s, finite = time.perf_counter() - start, [], [], bool(torch.isfinite(logits).all())
+    for _ in range(steps):
+        token = logits.argmax(-1)[:, None]
+        tokens.append(int(token))
+        start = time.perf_counter()
+        logits = session.step(token)[:, -1]
+        sync(device)
+        step_s.append(time.perf_counter() - start)
+        finite &= bool(torch.isfinite(logits).all())
+    return {"prefill_s": prefill_s, "step_s": sorted(step_s)[len(step_s) // 2], "peak": peak(device), "tokens": tokens,
+            "logits": logits.float(), "finite": finite, "cache": session.cache}
+
+
+def check_length(model, configs, length, steps, device, vocab) -> list[dict]:
+    ids = torch.randint(4, vocab, (1, length), device=device, generator=torch.Generator(device).manual_seed(length))
+    plain = run_plain(model, ids, steps, device)
+    full = run_kvbench(model, configs["full"], ids, length + steps + 8, steps, device)
+    rows = [{"length": length, "method": "sdpa-full (transformers)", "ok": plain["finite"], "finite": plain["finite"],
+             "prefill_s": plain["prefill_s"], "step_s": plain["step_s"], "peak_bytes": plain["peak"]}]
+    for name, cfg in configs.items():
+        if cfg is None:
+            continue
+        row = {"length": length, "method": name}
+        try:
+            small = run_kvbench(model, cfg, ids, max(16, length // 8), steps, device)
+            above = full if name == "full" else run_kvbench(model, cfg, ids, length + steps + 8, steps, device)
+            row.update(
+                finite=small["finite"] and above["finite"],
+                same_tokens_above_budget=above["tokens"] == full["tokens"],
+                max_logit_diff_above_budget=float((above["logits"] - full["logits"]).abs().max()),
+                prefill_vs_sdpa=small["prefill_s"] / plain["prefill_s"], step_vs_sdpa=small["step_s"] / plain["step_s"],
+                peak_vs_sdpa=None if plain["peak"] is None else small["peak"] / plain["peak"],
+                prefill_s=small["prefill_s"], step_s=small["step_s"], peak_bytes=small["peak"],
+            )
+            if name == "full":
+                row["same_tokens_as_transformers"] = full["tokens"] == plain["tokens"]
+            if name in PER_HEAD:
+                row.update(varlen_check(small["cache"], device))
+            row["ok"] = row["finite"] and row["same_tokens_above_budget"] and row.get("varlen_ok", True)
+        except Exception as error:  # noqa: BLE001 - the check goes on; the row says what failed
+            row.update(ok=False, error=f"{type(error).__name__}: {error}"[:300])
+        rows.append(row)
+    if device.type == "cuda" and flash_attn_installed():
+        try:
+            flash = run_kvbench(model, configs["full"], ids, length + steps + 8, steps, device, base="flash_attention_2")
+            rows.append({"length": length, "method": "full on flash_attention_2", "finite": flash["finite"],
+                         "ok": flash["finite"] and flash["tokens"] == full["tokens"],
+                         "max_logit_diff_vs_sdpa": float((flash["logits"] - full["logits"]).abs().max())})
+        except Exception as error:  # noqa: BLE001
+            rows.append({"length": length, "method": "full on flash_attention_2", "ok": False, "error": str(error)[:300]})
+    return rows
+
+
+def flash_attn_installed() -> bool:
+    from kvbench.engine import ragged
+
+    return ragged.flash_attn_varlen_func is not None
+
+
+def varlen_check(cache, device) -> dict:
+    """With flash-attn on CUDA: one layer's varlen attention against the sparse fallback on a fresh query."""
+    layer = next((layer for layer in cache.layers if layer.ragged is not None), None)
+    if layer is None or device.type != "cuda" or not flash_attn_installed():
+        return {"varlen": "not run (needs CUDA and flash-attn)" if layer is not None else "dense (prompt fits)"}
+    store = layer.ragged
+    query = torch.randn(store.batch, cache.shape.query_heads, 1, store.head_dim, device=device,
+                        dtype=store.prefix_keys.dtype)
+    diff = float((store._varlen(query, store.head_dim**-0.5).float() - store._sparse(query, store.head_dim**-0.5)).abs().max())
+    return {"varlen_max_diff": diff, "varlen_ok": diff < 5e-2}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# kvbench gpu check — {report['run']}", "", f"- device: {report['device']}", f"- model: {report['model']}",
+             f"- torch {report['torch']}, transformers {report['transformers']}, flash-attn: {report['flash_attn']}",
+             f"- result: **{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}**", ""]
+    columns = ["length", "method", "ok", "finite", "same_tokens_above_budget", "max_logit_diff_above_budget",
+               "prefill_vs_sdpa", "step_vs_sdpa", "peak_vs_sdpa", "varlen_max_diff", "error"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in report["rows"]:
+        cells = [row.get(c, "") for c in columns]
+        lines.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lengths", default=None, help="default: 4096,16384,32768 on CUDA, 256,1024 on the CPU")
+    parser.add_argument("--steps", type=int, default=8, help="greedy decode steps per run")
+    parser.add_argument("--out", default="results/gpu_check")
+    for key in ("hidden", "intermediate", "layers", "heads", "kv_heads"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    shape = GPU_SHAPE if on_gpu else CPU_SHAPE
+    for key, value in shape.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.dtype = "bfloat16"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    args.max_length = max(lengths) + args.steps + 16
+    out = Path(args.out)
+    configs = method_configs(write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads))
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    run = "GPU run" if on_gpu else "CPU run on a narrow model (checks the code paths, not a GPU)"
+    print(f"{run}: {args.layers} layers x {args.hidden} wide, heads {args.heads}/{args.kv_heads}, bf16, "
+          f"lengths {lengths}, {args.steps} decode steps", flush=True)
+    rows = []
+    for length in lengths:
+        rows += check_length(model, configs, length, args.steps, device, vocab)
+        bad = [r["method"] for r in rows if r["length"] == length and not r.get("ok")]
+        print(f"  {length} tokens: {len(rows)} rows so far; failed: {', '.join(bad) or 'none'}", flush=True)
+    import transformers
+
+    report = {
+        "run": run, "ok": all(r.get("ok") for r in rows),
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
+        "model": f"random Llama, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, bf16",
+        "torch": torch.__version__, "transformers": transformers.__version__, "flash_attn": flash_attn_installed(),
+        "lengths": lengths, "steps": args.steps, "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

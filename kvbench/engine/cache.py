@@ -1,0 +1,432 @@
+"""CompressedCache: a transformers `Cache` that owns the KV store and applies a method's policy.
+
+Layout, per layer: keys and values `(batch, kv_heads, capacity, head_dim)`, the
+two halves of one buffer `kv`, with `length` valid slots, and per-token state
+`(batch, kv_heads, capacity)`: `pos` (original position, always), the method's
+`slot_state` (e.g. `score`), and in `shifted` mode `rot` (the position the
+stored key was rotated at) and `rank` (its position inside the cache now). The
+integer states share one buffer and the float ones another, so a decode step
+writes and moves every state of a token in one op per buffer. Slots need not be in position
+order; every rule is stated on positions.
+
+- prefill (`phase == "prefill"`): after the layer's attention has run, the
+  method scores the prompt tokens and the layer is compacted at once to the
+  budget (sinks + recent window protected, top-k of the rest), so at most one
+  layer holds its full KV at any time.
+- decode (`stage: decode`): the new token is written into a free slot; when the
+  cache is over budget, the lowest-ranked unprotected token (the older among equals) is evicted and the
+  last slot moves into its place (slot reuse: O(1) data movement, O(C) scoring). Recency eviction
+  (StreamingLLM) knows its victim without looking at the positions: one token a step keeps the slots
+  after the sinks a ring in position order (see `CompressedLayer.ring`).
+- positions `original`: keys keep the RoPE position they were computed at and
+  queries continue counting. `shifted`: new tokens are placed at the cache
+  length, and keys are returned rotated from the position they were stored at
+  to their current rank (the stored keys are never re-rotated in place, so no
+  rounding error accumulates over a long stream).
+- per-head budgets (HeadKV, Ada-SnapKV, PyramidKV: `method.per_head`): at the
+  prompt each head keeps its own number of tokens and the layer moves to a
+  ragged store (`kvbench.engine.ragged.RaggedKV`, stored bytes = the sum of the head
+  budgets); decoded tokens are appended to it. With `method.gqa: expand` the
+  store holds one segment per query head (each KV head repeated to its G query
+  heads, as the reference codes do), and G x the tokens.
+- a prompt no longer than the budget is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.engine.budget import Budget
+from kvbench.engine.ragged import RaggedKV
+from kvbench.engine.selection import lowest, oldest, select, select_per_head
+from kvbench.engine.types import ModelShape, Policy, Stats, StatsRequest, Victim
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+INT_STATE = ("pos", "rot", "rank")
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's KV store with per-token state; see the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: CompressedCache, layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.length = 0  # valid slots
+        self.seen = 0  # tokens ever written (the next original position)
+        self.state: dict[str, torch.Tensor] = {}
+        self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
+        self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
+        self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
+        self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (kv or a state group, its row index)
+        self.scores: torch.Tensor | None = None  # the float state group, zeroed where a token is written
+        self._parts: dict[tuple[str, int, int], torch.Tensor] = {}  # part(): views reused while the buffers are
+        # recency eviction: slots [sinks, ring_end) hold the non-sink tokens in position order rotated by
+        # `rotation` (the oldest at sinks + rotation), slots [ring_end, length) newer ones in order; None: unknown
+        self.ring_end: int | None = 0
+        self.rotation = 0
+
+    # -- transformers' CacheLayerMixin interface
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.kv_heads = key_states.shape[1]  # a full cache's heads (a gqa: expand store may hold more)
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def state_names(self) -> list[str]:
+        names = ["pos", *self.owner.method.slot_state]
+        if self.owner.shifted:
+            names += ["rot", "rank"]
+        return names
+
+    def _allocate(self, batch, heads, capacity, head_dim):
+        """Fresh buffers: kv (2, batch, heads, capacity, head_dim), and the state by name, each a row of
+        its group's buffer (k, batch, heads, capacity): {group buffer: its names}."""
+        kv = torch.empty(2, batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        names = self.state_names()
+        state = {}
+        for dtype, group in ((torch.long, [n for n in names if n in INT_STATE]),
+                             (torch.float32, [n for n in names if n not in INT_STATE])):
+            if group:
+                buffer = torch.zeros(len(group), batch, heads, capacity, dtype=dtype, device=self.device)
+                state[buffer] = {name: buffer[i] for i, name in enumerate(group)}
+        if not self.index or self.index[0].shape[0] != batch or self.index[1].shape[1] != heads:
+            self.index = (torch.arange(batch, device=self.device)[:, None],
+                          torch.arange(heads, device=self.device)[None, :])
+        return kv, state
+
+    def _set_buffers(self, kv, groups) -> None:
+        self.kv, self.keys, self.values = kv, kv[0], kv[1]
+        self.state = {name: row for rows in groups.values() for name, row in rows.items()}
+        self.buffers = [(b, torch.arange(b.shape[0], device=b.device)[:, None, None]) for b in (kv, *groups)]
+        method = self.owner.method
+        zeroed = set(method.slot_state) - set(method.rewritten_state)
+        self.scores = next((b for b, rows in groups.items() if zeroed & set(rows)), None)
+        self._parts = {}
+
+    def _grow(self, key_states, needed: int):
+        batch, heads, _, head_dim = key_states.shape
+        capacity = max(needed, 2 * self.capacity) if self.capacity else needed
+        kv, groups = self._allocate(batch, heads, capacity, head_dim)
+        if self.length:
+            kv[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
+            for rows in groups.values():
+                for name, row in rows.items():
+                    row[:, :, : self.length] = self.view(name)
+        self._set_buffers(kv, groups)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.ragged is not None:  # kvbench_attention reads the ragged store itself
+            groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
+            if groups > 1:
+                key_states = key_states.repeat_interleave(groups, dim=1)
+                value_states = value_states.repeat_interleave(groups, dim=1)
+            self.ragged.append(key_states, value_states)
+            self.seen += key_states.shape[2]
+            return key_states, value_states
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        if self.length + q > self.capacity:
+            needed = self.length + q
+            self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
+        start = self.length  # views from part(): a cache at its budget writes the same slot every step
+        self.part("keys", start, q).copy_(key_states)
+        self.part("values", start, q).copy_(value_states)
+        pos = self.part("pos", start, q)
+        if q == 1:
+            pos.fill_(self.seen)
+        else:
+            pos.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
+        if self.scores is not None:
+            self.part("scores", start, q).zero_()
+        if self.owner.shifted:
+            ranks = torch.arange(start, start + q, device=self.device)
+            self.part("rot", start, q).copy_(ranks)
+            self.part("rank", start, q).copy_(ranks)
+        self.length += q
+        self.seen += q
+        return self.current_keys(), self.part("values", 0, self.length)
+
+    def current_keys(self) -> torch.Tensor:
+        keys = self.part("keys", 0, self.length)
+        if self.owner.shifted and self.moved:
+            delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
+            keys = self.owner.rotate(keys, delta)
+        return keys
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.ragged is not None:
+            return self.ragged.max_len + self.ragged.decoded + query_length, 0
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length if self.owner.shifted else self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self):
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
+        self.length = self.seen = 0
+        self.moved = False
+        self.ring_end, self.rotation = 0, 0
+        self.ragged = None
+        self.is_initialized = False
+
+    # -- compression
+    def view(self, name: str) -> torch.Tensor:
+        """The valid part of a per-token state tensor, (batch, heads, length)."""
+        return self.part(name, 0, self.length)
+
+    def part(self, name: str, start: int, n: int) -> torch.Tensor:
+        """Slots [start, start + n) of `keys`, `values`, `scores` (the zeroed state group) or a state, as a
+        view kept while the buffers are: a cache held at its budget writes and reads the same slots at every
+        decode step, so its views are made once (views launch no kernel, but each is an op to dispatch)."""
+        key = (name, start, n)
+        view = self._parts.get(key)
+        if view is None:
+            if len(self._parts) >= 64:  # a growing cache asks for new slots every step
+                self._parts.clear()
+            if name == "scores":
+                view = self.scores.narrow(3, start, n)
+            else:
+                view = (getattr(self, name) if name in ("keys", "values") else self.state[name]).narrow(2, start, n)
+            self._parts[key] = view
+        return view
+
+    def protected(self, sinks: int, recent: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.view("pos") if pos is None else pos
+        if not sinks:
+            return pos >= self.seen - recent
+        if not recent:
+            return pos < sinks
+        if self.seen - recent > sinks:  # pos < sinks or pos >= seen - recent: outside [sinks, seen - recent - 1]
+            return pos.clamp(sinks, self.seen - recent - 1).ne(pos)
+        return torch.ones_like(pos, dtype=torch.bool)
+
+    def compact(self, keep: torch.Tensor, extra: int) -> None:
+        """Keep slots `keep` (batch, heads, C), in position order, in fresh buffers of capacity C + extra."""
+        batch, heads, kept = keep.shape
+        head_dim = self.keys.shape[-1]
+        order = self.view("pos").gather(2, keep).argsort(dim=-1)
+        keep = keep.gather(2, order)
+        kv, groups = self._allocate(batch, heads, kept + extra, head_dim)
+        index = keep[..., None].expand(-1, -1, -1, head_dim)
+        kv[0, :, :, :kept] = self.keys[:, :, : self.length].gather(2, index)
+        kv[1, :, :, :kept] = self.values[:, :, : self.length].gather(2, index)
+        for rows in groups.values():
+            for name, row in rows.items():
+                row[:, :, :kept] = self.view(name).gather(2, keep)
+        self._set_buffers(kv, groups)
+        if self.owner.shifted:
+            self.state["rank"][:, :, :kept] = torch.arange(kept, device=self.device)
+            self.moved = True
+        self.length = kept
+        self.ring_end, self.rotation = 0, 0  # slots in position order
+
+    def kept_per_head(self) -> list[int] | None:
+        """Tokens each KV head of sequence 0 holds now (None before any token)."""
+        if self.ragged is not None:
+            return self.ragged.kept_per_head[0].tolist()
+        if not self.is_initialized or self.keys is None:
+            return None
+        return [self.length] * self.keys.shape[1]
+
+    def bytes_per_token(self) -> int:
+        """Bytes of one token's key and value in one head."""
+        keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
+        return 2 * keys.shape[-1] * keys.element_size()
+
+    def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
+        """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
+
+        The dense buffers are freed; `reserve` slots per head wait for decoded tokens. A `keep` with more
+        heads than the store (gqa: expand) repeats each KV head to its query heads first, as repeat_kv."""
+        keys, values, pos = self.keys[:, :, : self.length], self.values[:, :, : self.length], self.view("pos")
+        groups = keep.shape[1] // keys.shape[1]
+        if groups > 1:
+            keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
+        self.ragged = RaggedKV(keys, values, keep, pos, reserve)
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
+        self.length = 0
+
+    def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None) -> None:
+        """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
+        the ring's oldest slot (an int, from `oldest_in_ring`) in every head; the last slot moves into its
+        place (a victim in the last slot copies onto itself)."""
+        last = self.length - 1
+        if self.owner.shifted:
+            if isinstance(victim, int):
+                victim_pos = self.view("pos").narrow(2, victim, 1)
+            else:
+                victim_pos = self.view("pos").gather(2, victim[..., None]) if victim_pos is None else victim_pos[..., None]
+            self.state["rank"][:, :, : self.length] -= (self.view("pos") > victim_pos).long()
+            self.moved = True
+        if isinstance(victim, int):
+            for buffer, _ in self.buffers:
+                buffer.select(3, victim).copy_(buffer.select(3, last))
+            self._advance_ring(self.owner.allocation[1])
+        else:  # one slot per (batch, head): index_put_ with the layer's row, batch and head index tensors
+            batch, heads = self.index
+            for buffer, rows in self.buffers:
+                buffer.index_put_((rows, batch, heads, victim), buffer.select(3, last))
+            self.ring_end = None  # the slots are no longer known to be a ring in position order
+        self.length -= 1
+
+    def oldest_in_ring(self, sinks: int) -> int | None:
+        """The slot of the oldest token after the sinks, the same in every head, known from the slot layout
+        alone (O(1), no tensor read); None when the layout is not known to be a ring (then search)."""
+        if self.ring_end is None:
+            return None
+        if self.ring_end <= sinks:  # slots in position order
+            return sinks
+        return sinks + self.rotation if self.length - 1 == self.ring_end else None  # one newer token only
+
+    def _advance_ring(self, sinks: int) -> None:
+        """The ring's oldest was evicted and the newest (the last slot) took its place; `length` not yet cut."""
+        if self.ring_end <= sinks:  # was in position order: the newest now sits first, the rest after it
+            self.ring_end = self.length - 1
+            self.rotation = 1 if self.ring_end - sinks > 1 else 0
+        else:
+            self.rotation = (self.rotation + 1) % (self.ring_end - sinks)
+
+
+class CompressedCache(Cache):
+    """The KV cache of one generation (or one stream), compressed by `method` to `budget`.
+
+    Pass it as `past_key_values` and as `kvbench_cache` to a model whose attention
+    is kvbench's (see `kvbench.engine.attention.install`); `kvbench.models.generator` does both.
+    Set `phase = "decode"` after the prompt's forward pass.
+    """
+
+    def __init__(self, model, method: Policy, budget: Budget | None = None, reserve: int = 0):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        num_layers = config.num_hidden_layers
+        query_heads = getattr(config, "num_attention_heads", None)
+        self.shape = ModelShape(num_layers, query_heads, getattr(config, "num_key_value_heads", None) or query_heads)
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+        self.method = method
+        self.budget_spec = budget or Budget()
+        self.allocation: tuple[int | None, int, int] | None = None  # (C, sinks, recent), set at the prompt
+        self.reserve = reserve
+        self.phase = "prefill"
+        self.shifted = method.positions == "shifted"
+        self.rotary = model.get_decoder().rotary_emb if self.shifted else None
+        self.prompt_len: int | None = None
+
+    def first_capacity(self, n: int) -> int:
+        """Slots to allocate at a layer's first write of `n` tokens: room for what it will hold, so a
+        prompt that fits its budget is never copied into doubled buffers at the first decoded token."""
+        method = self.method
+        if not method.compresses:
+            return n + self.reserve
+        budget = method.allocate(self.budget_spec, n)[0] if self.phase == "prefill" else None
+        if budget is None:
+            return n + self.reserve
+        if n > budget:
+            return n  # compacted into fresh buffers right after its attention
+        if method.stage == "decode":  # never holds more than budget + 1
+            return min(n + self.reserve, budget + 1) if self.reserve else budget + 1
+        return n + self.reserve
+
+    # -- driving
+    def next_position_ids(self, q_len: int) -> torch.Tensor:
+        """Position ids (1, q_len) for the next tokens: continue counting, or the cache length if shifted."""
+        first = self.layers[0]
+        start = first.length if self.shifted else first.seen
+        device = first.device if first.is_initialized else None
+        return torch.arange(start, start + q_len, device=device)[None]
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """RoPE-rotate each key by its own position delta (batch, heads, n); exact for any rope_type."""
+        b, h, n, d = keys.shape
+        cos, sin = self.rotary(keys, delta.reshape(1, -1))
+        scale = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        cos = (cos / scale).view(b, h, n, d).to(keys.dtype)
+        sin = (sin / scale).view(b, h, n, d).to(keys.dtype)
+        return keys * cos + rotate_half(keys) * sin
+
+    def _allocate(self, layer: CompressedLayer) -> tuple[int | None, int, int]:
+        if self.allocation is None:
+            if self.phase == "prefill":
+                self.prompt_len = layer.length
+            self.allocation = self.method.allocate(self.budget_spec, self.prompt_len)
+        return self.allocation
+
+    # -- called by kvbench_attention after each layer's attention
+    def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
+        if not self.method.compresses:
+            return StatsRequest()
+        if self.phase == "decode" and self.method.stage != "decode":
+            return StatsRequest()
+        return self.method.stats_request(self.phase)
+
+    def after_attention(self, layer_idx: int, stats: Stats) -> None:
+        method = self.method
+        if not method.compresses:
+            return
+        layer = self.layers[layer_idx]
+        if self.phase == "prefill":
+            budget, sinks, recent = self._allocate(layer)
+            scores = method.prefill_scores(layer, stats)
+            if budget is not None and layer.length > budget and method.per_head:
+                budgets = method.head_budgets(layer_idx, scores, budget, self.shape)
+                layer.to_ragged(select_per_head(scores, budgets), self.reserve)
+            elif budget is not None and layer.length > budget:
+                extra = 1 if method.stage == "decode" else self.reserve
+                keep = select(layer, scores, budget, sinks, recent)
+                method.before_compact(layer, keep)
+                layer.compact(keep, extra)
+        elif method.stage == "decode":
+            budget, sinks, recent = self._allocate(layer)
+            method.decode_update(layer, stats)
+            while budget is not None and layer.length > budget:
+                scores = method.eviction_scores(layer)
+                if scores is None:  # recency: from the ring in O(1), or a search of the positions
+                    victim = layer.oldest_in_ring(sinks)
+                    victim = oldest(layer, sinks) if victim is None else victim
+                else:
+                    victim = lowest(layer, scores, sinks, recent)
+                method.before_evict(layer, victim, scores)
+                layer.evict(victim.slot, victim.pos) if isinstance(victim, Victim) else layer.evict(victim)
+
+    # -- accounting
+    def kv_summary(self) -> dict:
+        """Tokens and bytes stored per sequence vs a full cache, and kept tokens per layer and head."""
+        kept_tokens = full_tokens = kept_bytes = full_bytes = 0
+        per_layer = []
+        for layer in self.layers:
+            kept = layer.kept_per_head()
+            if kept is None:
+                continue
+            per_token = layer.bytes_per_token()
+            kept_tokens += sum(kept)
+            full_tokens += layer.kv_heads * layer.seen
+            kept_bytes += sum(kept) * per_token
+            full_bytes += layer.kv_heads * layer.seen * per_token
+            per_layer.append(kept)
+        return {
+            "kv_kept_tokens": kept_tokens,
+            "kv_full_tokens": full_tokens,
+            "kv_kept_bytes": kept_bytes,
+            "kv_full_bytes": full_bytes,
+            "kv_kept_per_layer_head": per_layer,
+            "kv_seen_tokens": max((layer.seen for layer in self.layers), default=0),
+        }

@@ -1,0 +1,51 @@
+"""The selection rules every method shares: what a prompt cut keeps, and which token a decode step evicts.
+
+Stated on positions, never on slot order; among equal scores the more recent token is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.engine.types import LayerView, Victim
+
+
+def select(layer: LayerView, scores: torch.Tensor | None, budget: int, sinks: int, recent: int):
+    """Slots to keep (batch, heads, budget): the protected sinks and recent window, then the top scores
+    (the most recent when a method has no scores); among equal scores the more recent token wins.
+    Protection is a mask on a float32 copy of the scores, never a large number added to them."""
+    rank = (scores if scores is not None else layer.view("pos")).float()
+    rank = rank.masked_fill(layer.protected(sinks, recent), float("inf"))
+    newest_first = layer.view("pos").argsort(dim=-1, descending=True)
+    best = rank.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices[..., :budget]
+    return newest_first.gather(-1, best)
+
+
+def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Boolean keep mask (batch, heads, n): the top `budgets[b, h]` scores of each head, the more recent
+    token winning ties. Slots must be in position order (a fresh cache at the prompt)."""
+    newest_first = scores.float().flip(-1)
+    order = newest_first.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (ranks < budgets[..., None]).flip(-1)
+
+
+def oldest(layer: LayerView, sinks: int) -> torch.Tensor:
+    """The slot (batch, heads) of the oldest token after the sinks: recency eviction. (With more tokens
+    than the budget, the recent window never covers every non-sink token, so this one is unprotected.)"""
+    pos = layer.view("pos")
+    return (pos.masked_fill(pos < sinks, torch.iinfo(torch.long).max) if sinks else pos).argmin(dim=-1)
+
+
+def lowest(layer: LayerView, scores: torch.Tensor, sinks: int, recent: int) -> Victim:
+    """The slot (batch, heads) with the lowest score outside the protected tokens; among equal scores the
+    older token goes (the newer wins, as at the prompt cut), whatever the slot order. With its position
+    and its score (float32), which the same reductions give."""
+    ranked = scores if scores.dtype == torch.float32 else scores.float()
+    pos = layer.view("pos")
+    if sinks or recent:
+        ranked = ranked.masked_fill(layer.protected(sinks, recent, pos), float("inf"))
+    score = ranked.amin(dim=-1, keepdim=True)
+    oldest_pos, slot = pos.masked_fill(ranked.ne(score), torch.iinfo(torch.long).max).min(dim=-1)
+    return Victim(slot, oldest_pos, score)

@@ -1,0 +1,107 @@
+"""Session: the one driver of a compressed cache — a prompt's prefill, then decode steps.
+
+    session = Session(model, policy, Budget(tokens=128), reserve=32)   # model: kvbench's attention installed
+    logits = session.prefill(prompt_ids)          # forward the prompt; the policy compresses it layer by layer
+    logits = session.step(next_ids)               # one decode step (the policy holds its budget, if it decodes)
+    tokens = Session(model, policy, budget).generate(prompt_ids, max_new_tokens=32)   # greedy, both of the above
+
+    session = Session(model, policy, budget, stream=True)   # no prompt: every token is a decode step (perplexity)
+
+The cache's phase is set here and nowhere else: `prefill()` runs once, before any `step()`; a second
+prefill, or a step before it, is an error rather than a silently different result. Positions are the
+cache's (`original` keeps counting, `shifted` uses the cache length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.engine.budget import Budget
+from kvbench.engine.cache import CompressedCache
+from kvbench.engine.types import Policy
+
+
+def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+    """One forward pass of `input_ids` (batch, q) through `cache`; the last `logits_to_keep` logits."""
+    out = model(
+        input_ids=input_ids,
+        position_ids=cache.next_position_ids(input_ids.shape[1]).to(input_ids.device),
+        past_key_values=cache,
+        use_cache=True,
+        kvbench_cache=cache,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+@dataclass
+class Greedy:
+    """What `Session.generate` returns: new tokens per sequence (stop token excluded), and when the
+    prompt's forward pass ended (perf_counter seconds), with the cache's accounting right after it."""
+
+    tokens: list[list[int]]
+    prefill_end: float
+    prompt_kv: dict
+
+
+class Session:
+    """One generation (or one stream) of `model` with its KV cache compressed by `policy` to `budget`."""
+
+    def __init__(self, model, policy: Policy, budget: Budget | None = None, reserve: int = 0, stream: bool = False):
+        self.model = model
+        self.cache = CompressedCache(model, policy, budget, reserve=reserve)
+        self.prefilled = stream
+        if stream:
+            self.cache.phase = "decode"  # no prompt: the budget is held from the first token on
+
+    def prefill(self, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        """Forward the prompt (batch, n); returns its last `logits_to_keep` logits. Once per session."""
+        if self.prefilled:
+            raise RuntimeError("Session.prefill: the prompt is already in this cache (one prefill per session)")
+        logits = forward(self.model, self.cache, input_ids, logits_to_keep)
+        self.cache.phase = "decode"
+        self.prefilled = True
+        return logits
+
+    def step(self, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        """Forward new tokens (batch, q) after the prompt (or in a stream); returns their last logits."""
+        if not self.prefilled:
+            raise RuntimeError("Session.step before Session.prefill: forward the prompt first (or stream=True)")
+        return forward(self.model, self.cache, input_ids, logits_to_keep)
+
+    def kv_summary(self) -> dict:
+        """Tokens and bytes stored vs a full cache, per layer and head (see CompressedCache.kv_summary)."""
+        return self.cache.kv_summary()
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0,
+                 synchronize: bool = False) -> Greedy:
+        """Greedy decoding of a batch of equal-length prompts (batch, n): at most `max_new_tokens` per
+        sequence, a sequence ending at its first stop token (never before `min_new_tokens`)."""
+        import time
+
+        device = input_ids.device
+        batch = input_ids.shape[0]
+        stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        logits = self.prefill(input_ids)[:, -1]
+        if synchronize:
+            torch.cuda.synchronize(device)
+        prefill_end = time.perf_counter()
+        prompt_kv = self.kv_summary()  # the prompt alone, as the policy left it
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            if step < min_new_tokens and len(stops):
+                logits[:, stops] = float("-inf")
+            next_token = logits.argmax(dim=-1)
+            is_stop = torch.isin(next_token, stops) if len(stops) else torch.zeros_like(done)
+            for i, token in enumerate(next_token.tolist()):
+                if not done[i] and not is_stop[i]:
+                    tokens[i].append(token)
+            done |= is_stop
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.step(next_token[:, None])[:, -1]
+        return Greedy(tokens, prefill_end, prompt_kv)

@@ -1,0 +1,107 @@
+"""The engine's small types: what a method sees of the engine, and what the engine expects of a method.
+
+A method (kvbench/methods/) imports these and `kvbench.engine.budget` only, never the cache itself:
+
+- `StatsRequest` / `Stats`: the attention statistics a method asks for in a phase, and gets;
+- `LayerView`: what a method may read and write of one layer's store (slot views of its per-token state);
+- `Victim`: the token a decode step evicts; `ModelShape`: what per-head allocation knows of the model;
+- `Policy`: the hooks the cache calls (kvbench.methods.base.Method implements them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from kvbench.engine.budget import Budget
+
+
+@dataclass
+class StatsRequest:
+    """What a method needs from one attention call; all off by default (full, StreamingLLM)."""
+
+    colsum: bool = False  # sum over every query of its attention on each key
+    window: int = 0  # mean attention of the last `window` queries on each key
+    row: bool = False  # attention of the (single) decode query on each key
+    per_query_head: bool = False  # the window statistic per query head, not averaged over a GQA group
+
+    def any(self) -> bool:
+        return self.colsum or self.window > 0 or self.row
+
+
+@dataclass
+class Stats:
+    """Per-KV-head attention statistics of one layer call, each (batch, kv_heads, kv_len) float32
+    (the window statistic is (batch, query_heads, kv_len) when requested `per_query_head`)."""
+
+    n_queries: int
+    colsum: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    row: torch.Tensor | None = None
+
+
+class Victim(NamedTuple):
+    """The token a decode step evicts in each (batch, head): its slot and position (batch, heads), and its
+    eviction score (batch, heads, 1) float32."""
+
+    slot: torch.Tensor
+    pos: torch.Tensor
+    score: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a per-head allocation needs to know of the model."""
+
+    num_layers: int
+    query_heads: int
+    kv_heads: int
+
+
+class LayerView(Protocol):
+    """One layer's cache as a method sees it. Slots hold tokens in no particular order; `view(name)` is the
+    (batch, kv_heads, length) tensor of a per-token state over the valid slots (`pos`: original position;
+    the method's own `slot_state`), writable in place."""
+
+    layer_idx: int
+    length: int  # valid slots
+    seen: int  # tokens ever written: the next original position
+    recent: int  # the protected recent window of this layer's allocation (0 before the prompt's cut)
+    index: tuple[torch.Tensor, ...]  # batch and head index tensors that address one slot per (batch, head)
+
+    def view(self, name: str) -> torch.Tensor: ...
+
+    def part(self, name: str, start: int, n: int) -> torch.Tensor: ...
+
+    @property
+    def values(self) -> torch.Tensor: ...
+
+
+class Policy(Protocol):
+    """The hooks CompressedCache calls; `kvbench.methods.base.Method` documents each."""
+
+    stage: str
+    positions: str
+    compresses: bool
+    per_head: bool
+    slot_state: tuple[str, ...]
+    rewritten_state: tuple[str, ...]
+
+    def allocate(self, budget: Budget, prompt_len: int | None) -> tuple[int | None, int, int]: ...
+
+    def stats_request(self, phase: str) -> StatsRequest: ...
+
+    def prefill_scores(self, layer: LayerView, stats: Stats) -> torch.Tensor | None: ...
+
+    def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor: ...
+
+    def decode_update(self, layer: LayerView, stats: Stats) -> None: ...
+
+    def before_compact(self, layer: LayerView, keep: torch.Tensor) -> None: ...
+
+    def before_evict(self, layer: LayerView, victim, scores: torch.Tensor | None) -> None: ...
+
+    def eviction_scores(self, layer: LayerView) -> torch.Tensor | None: ...

@@ -1,0 +1,113 @@
+"""What tasks evaluate with: a `Generator` (model, tokenizer, method, budget, chat format) whose greedy
+generation runs through the engine's `Session` (prefill once, compress, decode token by token).
+
+kvbench drives the model itself (not `model.generate`) so that it owns the
+position ids (`original` or `shifted`), the cache phase, and the accounting.
+With `method=full` the tokens equal `model.generate(do_sample=False)` (a test).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.engine import Budget, Policy, Session
+from kvbench.models.chat import wrap_chat
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per sequence, stop token excluded
+    prompt_tokens: int
+    seconds: float  # prefill + decode
+    kv: dict = field(default_factory=dict)
+    prefill_seconds: float = 0.0  # the prompt's forward pass and its compression (up to the first token's logits)
+
+    def record_fields(self) -> dict:
+        """What every prediction record stores about its generation (sequence 0): sizes, time, KV kept.
+
+        The kv_* counts are the cache right after the prompt (prefill and its compression);
+        kv_decoded_tokens and kv_end_kept_tokens say what decoding added."""
+        return {
+            "n_prompt": self.prompt_tokens,
+            "n_new": len(self.tokens[0]),
+            "seconds": round(self.seconds, 4),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            **self.kv,
+        }
+
+
+def decode_kv(prompt: dict, end: dict) -> dict:
+    """What decoding added: tokens decoded into the cache (per sequence) and every head's cache at the end."""
+    slots = sum(len(row) for row in prompt["kv_kept_per_layer_head"]) or 1
+    return {
+        "kv_decoded_tokens": (end["kv_full_tokens"] - prompt["kv_full_tokens"]) // slots,
+        "kv_end_kept_tokens": end["kv_kept_tokens"],
+    }
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    method: Policy,
+    budget: Budget | None = None,
+    max_new_tokens: int = 32,
+    stop_token_ids: tuple[int, ...] | list[int] = (),
+    min_new_tokens: int = 0,
+) -> Generation:
+    """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n) through a `Session`."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    session = Session(model, method, budget, reserve=max_new_tokens)
+    greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens,
+                              synchronize=device.type == "cuda")
+    kv = {**greedy.prompt_kv, **decode_kv(greedy.prompt_kv, session.kv_summary())}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Generation(tokens=greedy.tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start,
+                      kv=kv, prefill_seconds=greedy.prefill_end - start)
+
+
+def starts_with_bos(text: str, tokenizer) -> bool:
+    """Whether `text` already holds the tokenizer's BOS token at its start (a templated chat prompt)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+@dataclass
+class Generator:
+    """What a task evaluates with: the model and tokenizer, the method and budget, the chat format."""
+
+    model: object
+    tokenizer: object
+    method: Policy
+    budget: Budget | None = None
+    chat_format: str = "none"
+    max_prompt_tokens: int | None = None  # tasks that truncate prompts (LongBench) truncate to this
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids (1, n) with exactly one BOS where the tokenizer adds one.
+
+        The tokenizer's special tokens are added unless the text already starts with the BOS token, as a
+        chat template such as Llama-3's does (`<|begin_of_text|>`): KVCache-Factory's run_longbench.py
+        tokenizes its Llama-3 chat prompts with add_special_tokens=False for that reason."""
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=not starts_with_bos(text, self.tokenizer)).input_ids
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def __call__(self, input_ids, max_new_tokens: int, stop_token_ids=None, min_new_tokens: int = 0) -> Generation:
+        stops = list(stop_token_ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            stops.append(self.tokenizer.eos_token_id)
+        return generate(self.model, input_ids, self.method, self.budget, max_new_tokens, stops, min_new_tokens)
+
+    def complete(self, prompt: str, max_new_tokens: int, chat: bool = True, **kwargs) -> tuple[str, Generation]:
+        """Wrap `prompt` in the chat format (when `chat`), generate greedily, return the decoded text."""
+        text = wrap_chat(prompt, self.chat_format, self.tokenizer) if chat else prompt
+        generation = self(self.encode(text), max_new_tokens, **kwargs)
+        return self.decode(generation.tokens[0]), generation

@@ -1,0 +1,237 @@
+"""Aggregate run folders into tables, one per task family: rows model x method x budget, columns sub-tasks.
+
+    python -m kvbench.report.tables                       # every run -> results/tables/all_<family>.{md,csv,tex}
+    python -m kvbench.report.tables --name demo --model tiny --task passkey
+    python -m kvbench.report.tables --results results /mnt/node2/results   # runs made on several machines
+
+Families (`FAMILIES`, from each run's config.yaml `task.name`): `retrieval` (passkey, multikey),
+`longbench`, `ppl` (perplexity). A table never mixes families, so no average spans perplexity and
+accuracy. Columns: the sub-tasks, `Avg` (accuracy families only, and only for a row that has every
+column), and `n` (samples per run). Runs are labelled by model/task/method/budget as in scores.json;
+when two runs share those labels, a `settings` column lists the config values that tell them apart.
+After a Hydra multirun, `kvbench.runner.run.SweepTableCallback` writes `results/tables/<sweep>_<family>.*`
+from exactly the runs of that sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from kvbench.runner.folder import atomic_write_text
+from kvbench.runner.identity import hashed_settings
+
+INDEX = ["model", "method", "budget"]
+FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "longbench": "longbench", "perplexity": "ppl"}
+NO_AVERAGE = {"ppl"}  # families whose scores must not be averaged (perplexities)
+COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
+           "family", "reference", "settings", "kept_per_head", "kv_ratio"]
+
+
+def natural_key(text) -> tuple:
+    """'w32' < 'w64' < 'w128': digits compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)))
+
+
+def family_of(task_name: str | None, task_label: str | None) -> str:
+    if task_name in FAMILIES:
+        return FAMILIES[task_name]
+    label = str(task_label or task_name or "")
+    if label.startswith("ppl_"):
+        return "ppl"
+    return "longbench" if label.startswith("longbench") else (label or "other")
+
+
+def _flatten(tree, prefix="") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _kv_figures(folder: Path) -> tuple[float | None, float | None]:
+    """Mean prompt tokens kept per (layer, KV head) and the prompt's kv_ratio, from meta.json."""
+    path = folder / "meta.json"
+    kv = json.loads(path.read_text()).get("kv", {}) if path.exists() else {}
+    grid = kv.get("kv_kept_tokens_per_layer_head")
+    kept = sum(map(sum, grid)) / sum(map(len, grid)) if grid else None
+    return (round(kept, 2) if kept is not None else None), kv.get("kv_ratio")
+
+
+def load_run(folder: Path) -> list[dict]:
+    """One row per sub-task of a finished run (a folder with scores.json and config.yaml)."""
+    scores = json.loads((folder / "scores.json").read_text())
+    cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    budget = cfg.get("budget") or {}
+    method_name = (cfg.get("method") or {}).get("name") or str(scores.get("method"))
+    kept, ratio = _kv_figures(folder)
+    base = {
+        "model": scores.get("model", (cfg.get("model") or {}).get("name")),
+        "task": scores.get("task"),
+        "method": scores.get("method"),
+        "budget": scores.get("budget"),
+        "budget_tokens": budget.get("tokens"),
+        "budget_ratio": budget.get("ratio"),
+        "n": scores.get("n"),
+        "run": str(folder),
+        "family": family_of((cfg.get("task") or {}).get("name"), scores.get("task")),
+        "reference": method_name == "full",  # a full cache, whatever its tag: a reference line, not a method
+        "settings": "",
+        "kept_per_head": kept,
+        "kv_ratio": ratio,
+        "_config": _flatten(hashed_settings(cfg)),
+    }
+    return [{**base, "subtask": subtask, "score": value} for subtask, value in scores.get("scores", {}).items()]
+
+
+def _label_settings(rows: list[dict]) -> None:
+    """Fill `settings` for runs that share model/method/budget within a family and differ in a setting.
+
+    The keys that tell runs of one task label apart are shown for every run of that (family, model,
+    method, budget), so runs of sibling tasks with the same settings still share a table row."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["family"], row["model"], row["method"], row["budget"]), []).append(row)
+    for group in groups.values():
+        runs = {row["run"]: row for row in group}
+        if len(runs) < 2:
+            continue
+        keys: set[str] = set()
+        by_task: dict[str, list[dict]] = {}
+        for row in runs.values():
+            by_task.setdefault(row["task"], []).append(row["_config"])
+        for configs in by_task.values():
+            for key in set().union(*configs):
+                if len({repr(c.get(key)) for c in configs}) > 1:
+                    keys.add(key)
+        for row in group:
+            row["settings"] = ", ".join(f"{k}={row['_config'][k]}" for k in sorted(keys) if k in row["_config"])
+        seen: dict[tuple, set] = {}  # still twins (settings outside the run id): name the folder
+        for row in group:
+            seen.setdefault((row["task"], row["subtask"], row["settings"]), set()).add(row["run"])
+        for row in group:
+            if len(seen[(row["task"], row["subtask"], row["settings"])]) > 1:
+                row["settings"] = ", ".join(filter(None, [row["settings"], f"run={Path(row['run']).name}"]))
+
+
+def collect(folders) -> pd.DataFrame:
+    rows = []
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "scores.json").exists() and (folder / "config.yaml").exists():
+            rows += load_run(folder)
+    _label_settings(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def find_runs(results_dir: str | Path) -> list[Path]:
+    return sorted(p.parent for p in (Path(results_dir) / "runs").glob("*/*/*/*/scores.json"))
+
+
+def _budget_order(label: str) -> tuple:
+    if label == "full":
+        return (0, 0.0)
+    for prefix, rank in (("tokens", 1), ("ratio", 2)):
+        if str(label).startswith(prefix):
+            try:
+                return (rank, float(label[len(prefix):]))
+            except ValueError:
+                pass
+    return (3, 0.0)
+
+
+def _n_cell(values) -> object:
+    counts = sorted({int(v) for v in values if pd.notna(v)})
+    if not counts:
+        return None
+    return counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def pivot(long: pd.DataFrame, subtask_order: list[str] | None = None) -> pd.DataFrame:
+    """One family's table: rows (model, [task], method, budget, [settings]), columns sub-tasks, Avg, n.
+
+    `task` is a row key only when one sub-task name occurs under two task labels (LongBench and
+    LongBench-E); `settings` only when some run has one. Avg is the mean of a complete row
+    (accuracy families only, more than one column); n is the sample count of the row's runs."""
+    if long.empty:
+        return pd.DataFrame(columns=INDEX + ["n"]).set_index(INDEX)
+    needs_task = (long.groupby("subtask")["task"].nunique() > 1).any()
+    index = ["model", *(["task"] if needs_task else []), "method", "budget",
+             *(["settings"] if (long["settings"] != "").any() else [])]
+    table = long.pivot_table(index=index, columns="subtask", values="score", aggfunc="last")
+    columns = [c for c in (subtask_order or []) if c in table.columns]
+    rest = [c for c in dict.fromkeys(long["subtask"]) if c not in columns]
+    if set(long["family"]) & NO_AVERAGE:
+        rest = sorted(rest, key=natural_key)  # ppl_x_w32, ppl_x_w64, ppl_x_w128
+    table = table[columns + rest]
+    if len(table.columns) > 1 and not set(long["family"]) & NO_AVERAGE:
+        table["Avg"] = table.mean(axis=1).round(2).where(table.notna().all(axis=1))
+    table["n"] = long.groupby(index, dropna=False)["n"].agg(_n_cell).reindex(table.index)
+    table.columns.name = None
+    refs = set(long.loc[long["reference"], "method"])
+    rows = sorted(table.index, key=lambda r: (
+        str(r[0]), *([str(r[1])] if needs_task else []), r[index.index("method")] not in refs,
+        str(r[index.index("method")]), _budget_order(r[index.index("budget")]), natural_key(r[-1]),
+    ))
+    return table.loc[rows]
+
+
+def write(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    flat = table.reset_index().astype(object)
+    flat = flat.where(flat.notna(), None)  # blank cells, never "nan"
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "csv", "tex")}
+    atomic_write_text(paths["md"], flat.to_markdown(index=False, floatfmt=".2f", missingval="") + "\n")
+    atomic_write_text(paths["csv"], flat.to_csv(index=False))
+    atomic_write_text(paths["tex"], flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    return paths
+
+
+def build_tables(results_dir, name: str, folders=None, **filters) -> dict[str, tuple[pd.DataFrame, dict[str, Path]]]:
+    """One table per task family of `folders` (default: every run under results_dir), filtered by column
+    values; written as `<results_dir>/tables/<name>_<family>.{md,csv,tex}`. Returns {family: (table, paths)}."""
+    long = collect(folders if folders is not None else find_runs(results_dir))
+    for column, allowed in filters.items():
+        if allowed:
+            long = long[long[column].isin(list(allowed))]
+    out = {}
+    for family in sorted(set(long["family"])):
+        table = pivot(long[long["family"] == family])
+        out[family] = table, write(table, Path(results_dir) / "tables", f"{name}_{family}")
+    return out
+
+
+def render(tables: dict[str, tuple[pd.DataFrame, dict[str, Path]]]) -> str:
+    """The tables as markdown under a heading per family (what the CLI and a sweep print)."""
+    return "\n\n".join(f"## {family}\n\n{paths['md'].read_text().rstrip()}" for family, (_, paths) in tables.items())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build result tables (one per task family) from kvbench run folders.")
+    parser.add_argument("--results", nargs="+", default=["results"],
+                        help="results folder(s) holding runs/ (made on several machines); tables go to the first")
+    parser.add_argument("--name", default="all", help="tables are written as results/tables/<name>_<family>.*")
+    for column in ("model", "task", "method", "budget"):
+        parser.add_argument(f"--{column}", action="append", help=f"keep only these {column}s (repeatable)")
+    args = parser.parse_args(argv)
+    filters = {c: getattr(args, c) for c in ("model", "task", "method", "budget")}
+    folders = [run for results in args.results for run in find_runs(results)]  # a run in several: the last wins
+    tables = build_tables(args.results[0], args.name, folders=folders, **filters)
+    if not tables:
+        print(f"no finished runs under {', '.join(str(Path(r) / 'runs') for r in args.results)}", file=sys.stderr)
+        return 0
+    print(render(tables))
+    print(f"\nwrote {', '.join(str(p) for _, paths in tables.values() for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""A run's scores.json: the task's metric over its records, per sub-task, with their average and n.
+
+Written by the runner when an unsharded run finishes, and by `kvbench merge` when a sharded one does.
+"""
+
+from __future__ import annotations
+
+
+def summarize(task, labels: dict, records: list[dict], stored_cfg: dict | None = None) -> dict:
+    """scores.json of a run: the task's scores per sub-task, their average and the sample count, with the
+    run id and hashed settings of `stored_cfg` (the run folder's config.yaml)."""
+    subtask_scores = task.score(records)
+    stored_cfg = stored_cfg or {}
+    return {
+        **labels,
+        "run_id": stored_cfg.get("run_id"),
+        "scores": subtask_scores,
+        "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
+        "n": len(records),
+        **(task.score_details(records) if hasattr(task, "score_details") else {}),
+        "settings": stored_cfg.get("run_settings"),
+    }

@@ -1,0 +1,1 @@
+"""Paper reproduction, built on kvbench and never imported by it: the papers' tables and what they report (reported/), claim rows, figures, the value-norm analysis, HeadKV head-score estimation, and smoke-scale data (smoke/)."""

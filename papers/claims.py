@@ -1,0 +1,146 @@
+"""The papers' claims, checked on SmolLM2-135M on the CPU (`make reproduce-table EXP=<name> SCALE=cpu`).
+
+Each paper experiment has a `configs/experiment/<name>_cpu.yaml` sweep (SmolLM2-135M-Instruct, real
+English text, contexts that fit minutes on 2 cores) and here a list of claims: the paper's statement,
+the rule that decides it (fixed before any run, never tuned to a result) and the runs it reads. Writes
+`results/tables/<name>_cpu.{md,csv}`: one row per claim, "holds on SmolLM2: yes / no / not run",
+with the numbers behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench.runner.folder import atomic_write_text
+
+MODEL = "smollm2-135m"
+CPU_NOTE = ("CPU SCALE: SmolLM2-135M-Instruct (Q4_1 weights, dequantised) on real English text with short "
+            "contexts; each row is one of the paper's claims and whether it holds on this model.")
+
+
+def score(long: pd.DataFrame, task: str, method: str, budget: str) -> float | None:
+    """The mean sub-task score of the latest run with these labels (None when it is not on disk)."""
+    if long.empty:
+        return None
+    rows = long[(long["model"] == MODEL) & (long["task"] == task) & (long["method"] == method)
+                & (long["budget"] == budget)]
+    if rows.empty:
+        return None
+    rows = rows[rows["run"] == rows["run"].iloc[-1]]
+    return round(float(rows["score"].mean()), 4)
+
+
+def per_subtask(long: pd.DataFrame, task: str, method: str, budget: str) -> dict[str, float]:
+    rows = long[(long["model"] == MODEL) & (long["task"] == task) & (long["method"] == method)
+                & (long["budget"] == budget)] if not long.empty else long
+    if rows.empty:
+        return {}
+    rows = rows[rows["run"] == rows["run"].iloc[-1]]
+    return dict(zip(rows["subtask"], rows["score"].astype(float)))
+
+
+@dataclass
+class Claim:
+    claim: str
+    holds: bool | None  # None: a run it needs is missing
+    numbers: str
+
+    def row(self) -> dict:
+        verdict = "not run" if self.holds is None else ("yes" if self.holds else "no")
+        return {"claim": self.claim, "holds on SmolLM2": verdict, "numbers": self.numbers}
+
+
+def _fmt(values: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {'—' if v is None else f'{v:.2f}'}" for k, v in values.items())
+
+
+# ----------------------------------------------------------------------------- per experiment
+
+SINK_TASK, SINK_BUDGET = "ppl_prose", "tokens32"
+FAR_WORSE = 2.0  # "far worse": at least twice the perplexity (the paper: 5158 vs 9.59)
+
+
+def streamingllm_sinks(long: pd.DataFrame) -> list[Claim]:
+    ppl = {s: score(long, SINK_TASK, f"streamingllm-sink{s}", SINK_BUDGET) for s in (0, 1, 4)}
+    shown = _fmt({f"PPL {s} sinks": v for s, v in ppl.items()}) + f" (cache {SINK_BUDGET[6:]} tokens, {SINK_TASK})"
+    missing = any(v is None for v in ppl.values())
+    return [
+        Claim(f"StreamingLLM: PPL with 0 sinks is far worse (>= {FAR_WORSE:g}x) than with 4 sinks at the same cache",
+              None if missing else ppl[0] >= FAR_WORSE * ppl[4], shown),
+        Claim("StreamingLLM: 4 sinks give a lower PPL than 1 sink at the same cache",
+              None if missing else ppl[4] < ppl[1], shown),
+    ]
+
+
+WKV_TASK, WKV_CACHES = "ppl_prose_w256", ("tokens32", "tokens64")
+
+
+def weightedkv_ppl(long: pd.DataFrame) -> list[Claim]:
+    out = []
+    for cache in WKV_CACHES:
+        ppl = {m: score(long, WKV_TASK, m, cache) for m in ("weightedkv", "h2o-sink4", "streamingllm", "tova")}
+        ppl["full"] = score(long, WKV_TASK, "full", "full")
+        missing = any(ppl[m] is None for m in ("weightedkv", "h2o-sink4", "streamingllm"))
+        holds = None if missing else ppl["weightedkv"] < min(ppl["h2o-sink4"], ppl["streamingllm"])
+        out.append(Claim(f"WeightedKV: lower PPL than H2O (4 sinks) and StreamingLLM at cache {cache[6:]} "
+                         f"(sliding protocol, window 256)", holds,
+                         _fmt({f"PPL {m}": v for m, v in ppl.items()}) + f" ({WKV_TASK})"))
+    return out
+
+
+VATP_TASK, VATP_BUDGET = "longbench", "ratio0.5"
+
+
+def vatp_longbench(long: pd.DataFrame) -> list[Claim]:
+    out = []
+    for base, ours in (("h2o", "vatp"), ("scissorhands", "vatp-scissorhands")):
+        a, b = per_subtask(long, VATP_TASK, base, VATP_BUDGET), per_subtask(long, VATP_TASK, ours, VATP_BUDGET)
+        tasks = sorted(set(a) & set(b))
+        wins = sum(b[t] > a[t] for t in tasks)
+        ties = sum(b[t] == a[t] for t in tasks)
+        holds = None if not tasks else wins > len(tasks) / 2
+        numbers = (f"{ours} beats {base} on {wins} of {len(tasks)} tasks ({ties} ties); "
+                   + "; ".join(f"{t} {a[t]:.1f}->{b[t]:.1f}" for t in tasks))
+        out.append(Claim(f"VATP: {ours} beats its attention-only base {base} on most tasks (50% budget)", holds,
+                         numbers if tasks else "—"))
+    return out
+
+
+HEADKV_TASK, HEADKV_BUDGETS = "passkey_prose", ("tokens64", "tokens128")
+
+
+def headkv_longbench(long: pd.DataFrame) -> list[Claim]:
+    out = []
+    for variant in ("headkv-r2", "headkv-r"):
+        acc = {(m, b): score(long, HEADKV_TASK, m, b) for m in (variant, "snapkv", "ada_snapkv") for b in HEADKV_BUDGETS}
+        missing = any(v is None for v in acc.values())
+        holds = None if missing else all(acc[(variant, b)] > max(acc[("snapkv", b)], acc[("ada_snapkv", b)])
+                                         for b in HEADKV_BUDGETS)
+        out.append(Claim(f"HeadKV: {variant} beats SnapKV and Ada-SnapKV at small budgets on retrieval "
+                         f"({HEADKV_TASK}, budgets {', '.join(b[6:] for b in HEADKV_BUDGETS)})", holds,
+                         _fmt({f"{m}@{b[6:]}": v for (m, b), v in acc.items()})))
+    return out
+
+
+CLAIMS = {
+    "streamingllm_sinks": streamingllm_sinks,
+    "weightedkv_ppl": weightedkv_ppl,
+    "vatp_longbench": vatp_longbench,
+    "headkv_longbench": headkv_longbench,
+}
+
+
+def claim_table(name: str, long: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame([c.row() for c in CLAIMS[name](long)], columns=["claim", "holds on SmolLM2", "numbers"])
+
+
+def write_claims(name: str, long: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """results/tables/<name>_cpu.{md,csv}: one row per claim."""
+    frame = claim_table(name, long)
+    paths = {ext: Path(out_dir) / f"{name}_cpu.{ext}" for ext in ("md", "csv")}
+    atomic_write_text(paths["md"], f"{CPU_NOTE}\n\n{frame.to_markdown(index=False)}\n")
+    atomic_write_text(paths["csv"], f"# {CPU_NOTE}\n{frame.to_csv(index=False)}")
+    return frame, paths

@@ -1,0 +1,314 @@
+"""Paper tables with kvbench's numbers beside them: paper / ours / Δ (ours − paper), in the paper's layout.
+
+    python -m papers.reproduce weightedkv_ppl                 # run the sweep (finished runs are skipped), then the table
+    python -m papers.reproduce vatp_longbench --scale smoke   # the same on the tiny model and bundled data, CPU
+    python -m papers.reproduce weightedkv_ppl --no-run        # only rebuild the table from the runs on disk
+    make reproduce-table EXP=weightedkv_ppl SCALE=smoke
+
+Each paper table is a CSV under `papers/reported/` in the paper's layout (row
+keys, then value columns; a `# source:` first line cites the paper). A
+`PaperTable` maps every (row, column) cell to one of our runs declaratively:
+`base`, then the row's and the column's entries give the run's labels
+(model, task, method, budget: the folder under results/runs/) and the score
+column (`subtask`, or `AVG` for the run's average). At smoke scale, `smoke`
+substitutes labels (the tiny model, synthetic text, smaller budgets): the
+table keeps the paper's rows and columns, but its numbers are not comparable: a smoke table has
+our numbers only (no paper, no Δ column).
+Writes `results/tables/<experiment>.{md,csv,tex}` (`<experiment>_smoke.*` at smoke scale): the
+csv is plain (`pd.read_csv` reads it); notes (scale, cells several runs could fill) head the md
+and go to `<name>.notes.txt`. Each sweep pass writes its own run table,
+`<experiment>_runs[_<pass>]_<family>.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench.errors import KVBenchError, error_exit
+from kvbench.report.tables import collect, find_runs
+from kvbench.runner.folder import atomic_write_text
+
+PAPER_DIR = Path(__file__).resolve().parent / "reported"  # the numbers the papers report
+AVG = "__avg__"  # a cell that is the mean of a run's sub-task scores
+KINDS = ("paper", "ours", "Δ")
+SCALES = ("full", "smoke", "cpu")  # cpu: SmolLM2-135M on real text, claim rows (kvbench/claims.py)
+SMOKE_NOTE = ("SMOKE SCALE: these numbers come from the tiny model (trained on synthetic data) on bundled or synthetic "
+              "data; they check the pipeline and are not comparable with the paper (so no paper or Δ columns).")
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """How one paper table maps onto our runs."""
+
+    experiment: str  # configs/experiment/<experiment>.yaml (and <experiment>_smoke.yaml)
+    csv: str  # papers/reported/<csv>
+    index: list[str]  # the CSV's row-key columns
+    base: dict  # labels shared by every cell
+    rows: dict  # row key (a str, or a tuple for several index columns) -> labels, or None: no run of ours
+    columns: dict  # value column -> labels
+    smoke: dict | None = None  # label -> {ours at full scale: ours at smoke scale}; None: no smoke scale
+    passes: list[list[str]] = field(default_factory=lambda: [[]])  # extra overrides, one sweep each
+    analysis: dict | None = None  # value-norm profile to write after the sweep: {"source": ..., "tokens": ...}
+    layout: str = ""  # how the runs store the KV cache, for the table's note
+
+    def labels(self, row_key, column: str, scale: str) -> dict | None:
+        row = self.rows.get(row_key)
+        if row is None or column not in self.columns:
+            return None
+        labels = {**self.base, **row, **self.columns[column]}
+        labels.setdefault("subtask", labels["task"])
+        if scale == "smoke":
+            labels = {k: self.smoke.get(k, {}).get(v, v) for k, v in labels.items()}
+        return labels
+
+
+WKV_DATASETS = {"PG19": "pg19", "OWT2": "openwebtext2", "ProofPile": "proofpile", "ArXiv": "arxiv"}
+WKV_WINDOWS = {"4k": 4096, "8k": 8192, "16k": 16384}
+WKV_SMOKE_WINDOWS = {4096: 32, 8192: 64, 16384: 128}
+LONGBENCH_TASKS = [
+    "narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report", "qmsum",
+    "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
+]
+VATP_MODELS = {"LLaMA2-7B-chat": "llama2-7b-chat", "Vicuna-v1.5-7B-16k": "vicuna-v1.5-7b-16k-7500"}
+VATP_METHODS = {"Full": "full", "H2O": "h2o", "H2O+VATP": "vatp", "Scissorhands": "scissorhands",
+                "Scissorhands+VATP": "vatp-scissorhands"}
+# the experiment runs every method per query head (method.gqa=expand), as HeadKV's code: labels end in -expand
+HEADKV_METHODS = {"FullKV": "full", "SnapKV": "snapkv-expand", "PyramidKV": "pyramidkv-expand",
+                  "Ada-SnapKV": "ada_snapkv-expand", "HeadKV-R": "headkv-r-expand", "HeadKV-R2": "headkv-r2-expand"}
+HEADKV_BUDGETS = [64, 96, 128, 256, 512, 1024, 2048]
+HEADKV_SMOKE_BUDGETS = [16, 24, 32, 64, 128, 192, 256]  # prompts of at most 512 tokens
+
+
+def _wkv_task(dataset: str, window: int) -> str:
+    return f"ppl_{dataset}_w{window}"
+
+
+PAPER_TABLES = {
+    "weightedkv_ppl": PaperTable(  # arXiv 2503.01330, Table I
+        experiment="weightedkv_ppl", csv="weightedkv_table1.csv", index=["cache", "method"],
+        base={"model": "llama2-7b"},
+        rows={
+            ("full", "FullKV"): {"method": "full", "budget": "full"},
+            **{(cache, paper): (None if ours is None else {"method": ours, "budget": f"tokens{cache}"})
+               for cache in ("1024", "256")
+               for paper, ours in {"StreamingLLM": "streamingllm", "TOVA": "tova", "H2O": "h2o-sink4",
+                                   "CaM": None, "WeightedKV": "weightedkv"}.items()},
+        },
+        columns={f"{name} {w}": {"task": _wkv_task(d, size)}
+                 for name, d in WKV_DATASETS.items() for w, size in WKV_WINDOWS.items()},
+        smoke={"model": {"llama2-7b": "tiny"}, "budget": {"tokens1024": "tokens32", "tokens256": "tokens16"},
+               **{k: {_wkv_task(d, w): _wkv_task("synthetic", s) for d in WKV_DATASETS.values()
+                      for w, s in WKV_SMOKE_WINDOWS.items()} for k in ("task", "subtask")}},
+    ),
+    "vatp_longbench": PaperTable(  # arXiv 2406.12335, LongBench at the 50% budget
+        experiment="vatp_longbench", csv="vatp_longbench.csv", index=["model", "method"],
+        base={"task": "longbench_vatp"},
+        rows={(pm, pmeth): {"model": m, "method": meth, "budget": "full" if meth == "full" else "ratio0.5"}
+              for pm, m in VATP_MODELS.items() for pmeth, meth in VATP_METHODS.items()},
+        columns={**{t: {"subtask": t} for t in LONGBENCH_TASKS}, "Avg": {"subtask": AVG}},
+        smoke={"model": {"llama2-7b-chat": "tiny"}, "task": {"longbench_vatp": "longbench"}},
+        analysis={"source": "pg19", "tokens": 4096, "smoke_source": "synthetic", "smoke_tokens": 512},
+    ),
+    "headkv_longbench": PaperTable(  # arXiv 2410.19258, Llama-3-8B-Instruct, mean of the 6 QA tasks
+        experiment="headkv_longbench", csv="headkv_llama3.csv", index=["method"],
+        base={"model": "llama3-8b-instruct", "task": "longbench", "subtask": AVG},
+        rows={paper: {"method": ours, "budget_any": ours == "full"} for paper, ours in HEADKV_METHODS.items()},
+        columns={str(b): {"budget": f"tokens{b}"} for b in HEADKV_BUDGETS},
+        passes=[[], ["method=snapkv", "method.window=8"], ["method=headkv", "method.variant=r"]],
+        layout=("KV layout: per query head (method.gqa=expand), as HeadKV's code: a budget C stores 32 layers x 32 "
+                "query heads x C tokens x (K, V) x 128 x 2 bytes (fp16) = C/2 MiB per sequence plus decoded tokens, "
+                "4x the per-KV-head layout (C/8 MiB); each run's bytes: meta.json kv.kv_kept_bytes."),
+        smoke={"model": {"llama3-8b-instruct": "tiny"},
+               "method": {ours: f"{ours}-smoke" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
+               "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
+    ),
+    "streamingllm_sinks": PaperTable(  # arXiv 2309.17453, attention-sink ablation
+        experiment="streamingllm_sinks", csv="streamingllm_sinks.csv", index=["sinks+window"],
+        base={"model": "llama2-7b", "task": "ppl_pg19", "budget": "tokens4096"},
+        rows={f"{s}+{4096 - s}": {"method": f"streamingllm-sink{s}"} for s in (0, 1, 4)},
+        columns={"PPL": {}},
+        smoke={"model": {"llama2-7b": "tiny"}, "task": {"ppl_pg19": "ppl_synthetic"},
+               "subtask": {"ppl_pg19": "ppl_synthetic"}, "budget": {"tokens4096": "tokens32"}},
+    ),
+}
+
+
+def paper_frame(table: PaperTable, paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
+    frame = pd.read_csv(paper_dir / table.csv, comment="#", dtype={c: str for c in table.index})
+    return frame.set_index(table.index)
+
+
+def _one_run(rows: pd.DataFrame, notes: list[str], where: str) -> pd.DataFrame:
+    """The rows of one run: the newest when several runs carry the cell's labels (noted with their settings)."""
+    runs = list(dict.fromkeys(rows["run"]))
+    if len(runs) == 1:
+        return rows
+    newest = max(runs, key=lambda run: (Path(run) / "scores.json").stat().st_mtime)
+    settings = " | ".join(sorted(set(rows["settings"]) - {""})) or ", ".join(Path(r).name for r in runs)
+    note = f"{where}: {len(runs)} runs carry these labels ({settings}); the newest is shown ({newest})"
+    if note not in notes:
+        notes.append(note)
+    return rows[rows["run"] == newest]
+
+
+def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> float | None:
+    """The score of the run the labels name (the mean of its sub-tasks for AVG), or None if not on disk."""
+    if labels is None or long.empty:
+        return None
+    rows = long[(long["model"] == labels["model"]) & (long["task"] == labels["task"])
+                & (long["method"] == labels["method"])]
+    if not labels.get("budget_any"):  # a full cache ignores the budget: one run for every budget column
+        rows = rows[rows["budget"] == labels["budget"]]
+    if rows.empty:
+        return None
+    where = "/".join(str(labels[k]) for k in ("model", "task", "method") if k in labels)
+    rows = _one_run(rows, notes if notes is not None else [], where)
+    if labels["subtask"] == AVG:
+        return round(float(rows["score"].mean()), 2)
+    hit = rows[rows["subtask"] == labels["subtask"]]
+    return None if hit.empty else float(hit["score"].iloc[0])
+
+
+def compare(table: PaperTable, long: pd.DataFrame, scale: str = "full", paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
+    """The paper's rows; for each of its columns, (column, paper), (column, ours), (column, Δ).
+
+    At smoke scale only (column, ours): those numbers are not comparable with the paper's.
+    `frame.attrs["notes"]` lists cells that several runs could fill (the newest is used)."""
+    paper = paper_frame(table, paper_dir)
+    out, notes = {}, []
+    for column in paper.columns:
+        ours = [our_value(long, table.labels(key, column, scale), notes) for key in paper.index]
+        theirs = [None if pd.isna(v) else float(v) for v in paper[column]]
+        if scale != "smoke":
+            out[(column, "paper")] = theirs
+        out[(column, "ours")] = ours
+        if scale != "smoke":
+            out[(column, "Δ")] = [None if o is None or p is None else round(o - p, 2) for o, p in zip(ours, theirs)]
+    frame = pd.DataFrame(out, index=paper.index).astype("float64")
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+    frame.attrs["notes"] = notes
+    return frame
+
+
+def write(frame: pd.DataFrame, out_dir: Path, name: str, note: str) -> dict[str, Path]:
+    """md (notes on top), a plain csv (`pd.read_csv` reads it), tex, and `<name>.notes.txt` with the notes."""
+    kinds = set(frame.columns.get_level_values(1))
+    flat = frame.copy()
+    flat.columns = [column if len(kinds) == 1 else f"{column} {kind}" for column, kind in frame.columns]
+    flat = flat.reset_index().astype(object)
+    flat = flat.where(flat.notna(), None)  # blank cells, not "nan"
+    notes = [note, *frame.attrs.get("notes", [])]
+    paths = {ext: Path(out_dir) / f"{name}.{ext}" for ext in ("md", "csv", "tex")}
+    paths["notes"] = Path(out_dir) / f"{name}.notes.txt"
+    md = flat.to_markdown(index=False, floatfmt=".2f", missingval="")
+    atomic_write_text(paths["md"], "\n\n".join(notes) + f"\n\n{md}\n")
+    atomic_write_text(paths["csv"], flat.to_csv(index=False))
+    atomic_write_text(paths["notes"], "\n".join(notes) + "\n")
+    tex = (frame if len(kinds) > 1 else frame.droplevel(1, axis=1)).to_latex(
+        float_format="%.2f", na_rep="", multicolumn_format="c")
+    atomic_write_text(paths["tex"], "".join(f"% {line}\n" for line in notes) + tex)
+    return paths
+
+
+def pass_table_name(experiment: str, overrides: list[str]) -> str:
+    """`<experiment>_runs` for the main sweep, `<experiment>_runs_<what the pass changes>` for the others."""
+    parts = [value if "." not in key else f"{key.rsplit('.', 1)[1]}{value}"
+             for key, _, value in (o.partition("=") for o in overrides)]
+    return "_".join([f"{experiment}_runs", *(["-".join(parts)] if parts else [])])
+
+
+def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) -> None:
+    """Each pass of the experiment's Hydra multirun; a finished run is skipped, a failed one stops here."""
+    experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
+    for overrides in table.passes:
+        cmd = [sys.executable, "-m", "kvbench.runner.run", "-m", f"experiment={experiment}", f"paths.results={results}",
+               f"hydra.callbacks.sweep_table.table_name={pass_table_name(experiment, overrides)}", *overrides, *extra]
+        print("+ python -m kvbench.runner.run " + " ".join(cmd[3:]), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
+
+
+def sweep_folders(table: PaperTable, scale: str, results: str, extra: list[str]) -> list[Path]:
+    """The run folders of the experiment's own sweep (every pass): other runs in `results` with the same
+    labels (another experiment's SnapKV at 64 tokens, with another window) must not stand in for them."""
+    from kvbench.runner.status import expected_runs
+
+    experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
+    folders = {folder for overrides in table.passes
+               for folder in expected_runs(experiment, [*overrides, f"paths.results={results}", *extra])}
+    return sorted(folders)
+
+
+def write_analysis(table: PaperTable, scale: str, results: str) -> None:
+    """The value-norm profile behind the paper's motivating figure, for the experiment's first model."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kvbench.resources import CONFIG_DIR
+    from papers.value_norms import write_value_norms
+
+    model = table.smoke["model"].get(table.base.get("model"), "tiny") if scale == "smoke" else None
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        experiment = table.experiment + ("_smoke" if scale == "smoke" else "")
+        cfg = compose("config", overrides=[f"experiment={experiment}", *([f"model={model}"] if model else [])])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    prefix = "smoke_" if scale == "smoke" else ""
+    try:
+        path = write_value_norms(model_cfg, table.analysis[f"{prefix}source"], table.analysis[f"{prefix}tokens"],
+                                 results=results)
+        print(f"wrote {path}")
+    except KVBenchError as err:
+        print(f"kvbench: warning: value-norm profile skipped: {err}", file=sys.stderr)
+
+
+def reproduce(name: str, scale: str = "full", results: str = "results", run: bool = True,
+              extra: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
+    if name not in PAPER_TABLES:
+        raise KVBenchError(f"no paper table for experiment '{name}'; choose one of: {', '.join(PAPER_TABLES)}")
+    if scale not in SCALES:
+        raise KVBenchError(f"SCALE={scale} is not one of: {', '.join(SCALES)}")
+    table = PAPER_TABLES[name]
+    if scale == "smoke" and table.smoke is None:
+        raise KVBenchError(f"{name} has no smoke scale (its methods need a real model); run it with SCALE=full")
+    if scale == "cpu":  # the paper's claims on SmolLM2: one row each, no paper layout
+        from papers.claims import write_claims
+
+        if run:
+            run_sweeps(table, scale, results, extra or [])
+        return write_claims(name, collect(sweep_folders(table, scale, results, extra or [])), Path(results) / "tables")
+    if run:
+        run_sweeps(table, scale, results, extra or [])
+        if table.analysis:
+            write_analysis(table, scale, results)
+    frame = compare(table, collect(find_runs(results)), scale)
+    note = SMOKE_NOTE if scale == "smoke" else f"{name}: paper (papers/reported/{table.csv}), ours, Δ = ours − paper."
+    note += f" {table.layout}" if table.layout else ""
+    out_name = name + ("_smoke" if scale == "smoke" else "")
+    return frame, write(frame, Path(results) / "tables", out_name, note)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="A paper's table with kvbench's numbers and the difference.")
+    parser.add_argument("experiment", nargs="?", default="", help=f"one of: {', '.join(PAPER_TABLES)}")
+    parser.add_argument("--scale", default="full", help="full (the paper's setting) | smoke (tiny model, CPU) | cpu (SmolLM2-135M, claim rows)")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--no-run", dest="run", action="store_false", help="only rebuild the table from runs on disk")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the sweep (e.g. task.limit=20)")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    try:
+        frame, paths = reproduce(args.experiment, args.scale or "full", args.results, args.run, args.overrides)
+    except KVBenchError as err:
+        return error_exit(err)
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
