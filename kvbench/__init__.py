@@ -2,7 +2,7 @@
 
 The public API, imported on first use so `import kvbench` stays light:
 
-    kvbench.compress(model, method="snapkv", budget=0.5)   # context manager: model.generate() compresses
+    kvbench.compress(model, method="snapkv", budget=0.5)   # context manager yielding a Session
     kvbench.Session(model, policy, budget)                 # prefill() / step(): the engine's driver
     kvbench.Budget, kvbench.methods.build, kvbench.methods.REGISTRY
     kvbench.evaluate(model="tiny", method="h2o", budget=128, task="passkey")   # one whole run
@@ -20,13 +20,18 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        import importlib
+_SUBPACKAGES = ("engine", "methods")  # kvbench.methods.build / REGISTRY without a second import
 
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"kvbench.{name}")
     raise AttributeError(f"module 'kvbench' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_PUBLIC])
+    return sorted([*globals(), *_PUBLIC, *_SUBPACKAGES])

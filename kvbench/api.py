@@ -17,7 +17,7 @@
 with its `tokenizer`. `budget` is tokens (an int) or a ratio of the prompt (a
 float < 1). Other settings are dotted overrides as keyword arguments
 (`**{"task.limit": 2}`; `task__limit=2` works too). With `results=DIR` the run
-folder is written under DIR/runs/ exactly as `python -m kvbench.runner.run` writes it
+folder is written under DIR/runs/ exactly as `kvbench run` writes it
 (and a finished run there is read back, not rerun); without it the run goes to
 a temporary folder that is removed afterwards.
 """

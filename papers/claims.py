@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvbench.report.runs import newest
 from kvbench.runner.folder import atomic_write_text
 
 MODEL = "smollm2-135m"
@@ -22,15 +23,14 @@ CPU_NOTE = ("CPU SCALE: SmolLM2-135M-Instruct (Q4_1 weights, dequantised) on rea
 
 
 def score(long: pd.DataFrame, task: str, method: str, budget: str) -> float | None:
-    """The mean sub-task score of the latest run with these labels (None when it is not on disk)."""
+    """The mean sub-task score of the newest run with these labels (None when it is not on disk)."""
     if long.empty:
         return None
     rows = long[(long["model"] == MODEL) & (long["task"] == task) & (long["method"] == method)
                 & (long["budget"] == budget)]
     if rows.empty:
         return None
-    rows = rows[rows["run"] == rows["run"].iloc[-1]]
-    return round(float(rows["score"].mean()), 4)
+    return round(float(newest(rows)["score"].mean()), 4)
 
 
 def per_subtask(long: pd.DataFrame, task: str, method: str, budget: str) -> dict[str, float]:
@@ -38,7 +38,7 @@ def per_subtask(long: pd.DataFrame, task: str, method: str, budget: str) -> dict
                 & (long["budget"] == budget)] if not long.empty else long
     if rows.empty:
         return {}
-    rows = rows[rows["run"] == rows["run"].iloc[-1]]
+    rows = newest(rows)
     return dict(zip(rows["subtask"], rows["score"].astype(float)))
 
 

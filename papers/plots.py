@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.report.plots import _plt, budget_vs_score, method_colours
-from kvbench.report.tables import collect, find_runs, natural_key
+from kvbench.report.runs import collect, find_runs
+from kvbench.report.tables import natural_key
 
 HEADWISE_FIRST = ("headkv", "ada_snapkv", "pyramidkv")  # methods whose budgets differ per head or layer
 

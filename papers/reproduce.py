@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KVBenchError, error_exit
-from kvbench.report.tables import collect, find_runs
+from kvbench.report.runs import collect, find_runs, newest
 from kvbench.runner.folder import atomic_write_text
 
 PAPER_DIR = Path(__file__).resolve().parent / "reported"  # the numbers the papers report
@@ -149,12 +149,12 @@ def _one_run(rows: pd.DataFrame, notes: list[str], where: str) -> pd.DataFrame:
     runs = list(dict.fromkeys(rows["run"]))
     if len(runs) == 1:
         return rows
-    newest = max(runs, key=lambda run: (Path(run) / "scores.json").stat().st_mtime)
+    shown = newest(rows)
     settings = " | ".join(sorted(set(rows["settings"]) - {""})) or ", ".join(Path(r).name for r in runs)
-    note = f"{where}: {len(runs)} runs carry these labels ({settings}); the newest is shown ({newest})"
+    note = f"{where}: {len(runs)} runs carry these labels ({settings}); the newest is shown ({shown['run'].iloc[0]})"
     if note not in notes:
         notes.append(note)
-    return rows[rows["run"] == newest]
+    return shown
 
 
 def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> float | None:
@@ -229,7 +229,7 @@ def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) ->
     for overrides in table.passes:
         cmd = [sys.executable, "-m", "kvbench.runner.run", "-m", f"experiment={experiment}", f"paths.results={results}",
                f"hydra.callbacks.sweep_table.table_name={pass_table_name(experiment, overrides)}", *overrides, *extra]
-        print("+ python -m kvbench.runner.run " + " ".join(cmd[3:]), flush=True)
+        print("+ kvbench run " + " ".join(cmd[3:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
 

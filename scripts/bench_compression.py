@@ -88,8 +88,7 @@ def peak_bytes(device) -> int:
 def prefill(model, method_cfg, ids, budget):
     from transformers import DynamicCache
 
-    from kvbench.engine import Budget, CompressedCache, forward
-    from kvbench.engine.attention import install
+    from kvbench.engine import Budget, Session, install
     from kvbench.methods import build
 
     if method_cfg is None:
@@ -97,8 +96,7 @@ def prefill(model, method_cfg, ids, budget):
         out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
         return out.logits
     install(model, "sdpa")
-    cache = CompressedCache(model, build(method_cfg), Budget(tokens=budget))
-    return forward(model, cache, ids)
+    return Session(model, build(method_cfg), Budget(tokens=budget)).prefill(ids)
 
 
 def child(args) -> None:
@@ -157,8 +155,7 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
     """Per-step seconds of `steps` decode steps at budget C (after 3 warm-up steps), and the ops of one more."""
     from transformers import DynamicCache
 
-    from kvbench.engine import Budget, CompressedCache, forward
-    from kvbench.engine.attention import install
+    from kvbench.engine import Budget, Session, install
     from kvbench.methods import build
 
     torch.manual_seed(1)
@@ -173,13 +170,10 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
     else:
         install(model, "sdpa")
         cfg = {**method_cfg, "stage": "decode"} if method_cfg["name"] in DECODE_STAGE else method_cfg
-        cache = CompressedCache(model, build(cfg), Budget(tokens=budget), reserve=steps + 8)
+        session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps + 8)
         prompt = budget if method_cfg["name"] == "full" else 2 * budget  # full: a cache of exactly C tokens
-        logits = forward(model, cache, torch.randint(4, 260, (1, prompt), device=device))
-        cache.phase = "decode"
-
-        def step(token):
-            return forward(model, cache, token)
+        logits = session.prefill(torch.randint(4, 260, (1, prompt), device=device))
+        step = session.step
     times = []
     for i in range(steps + 3):
         token = logits[:, -1].argmax(-1)[:, None]

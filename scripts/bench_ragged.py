@@ -43,7 +43,7 @@ from bench_compression import (
     write_random_head_scores,
 )
 
-from kvbench.engine import Budget, CompressedCache, forward, ragged
+from kvbench.engine import Budget, CompressedCache, Session, ragged
 from kvbench.methods import build
 
 
@@ -63,23 +63,22 @@ def sync(device):
 @torch.inference_mode()
 def run(model, method_cfg, ids, budget, steps, device):
     """(cache, median step seconds, logits of every step, full-cache bytes, ops per decode step)."""
-    cache = CompressedCache(model, build(method_cfg), Budget(tokens=budget), reserve=steps + 2)
-    logits = forward(model, cache, ids)[:, -1]
-    cache.phase = "decode"
+    session = Session(model, build(method_cfg), Budget(tokens=budget), reserve=steps + 2)
+    logits = session.prefill(ids)[:, -1]
     times, outputs = [], []
     for _ in range(steps):
         token = logits.argmax(-1)[:, None]
         sync(device)
         start = time.perf_counter()
-        logits = forward(model, cache, token)[:, -1]
+        logits = session.step(token)[:, -1]
         sync(device)
         times.append(time.perf_counter() - start)
         outputs.append(logits.float())
     counter = OpCounter()
     with counter:
-        forward(model, cache, logits.argmax(-1)[:, None])
-    full_bytes = cache.kv_summary()["kv_full_bytes"]
-    return cache, statistics.median(times[1:] or times), torch.stack(outputs), full_bytes, counter.total
+        session.step(logits.argmax(-1)[:, None])
+    full_bytes = session.kv_summary()["kv_full_bytes"]
+    return session.cache, statistics.median(times[1:] or times), torch.stack(outputs), full_bytes, counter.total
 
 
 def main(argv=None) -> None:

@@ -7,7 +7,7 @@
 #   SHARDS=4 scripts/launch_local.sh ...         # N processes without GPUs (CPU; the tests and laptops)
 #
 # Logs go to logs/launch_local/<time>/shard<i>.log; the exit code is that of the first failed shard.
-# Overrides are those of `python -m kvbench.runner.run`, not a -m sweep (for a sweep: hydra/launcher=local).
+# Overrides are those of `kvbench run`, not a -m sweep (for a sweep: hydra/launcher=local).
 set -euo pipefail
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -2,7 +2,7 @@
 
     python scripts/prepare_longbench.py                      # -> data/longbench/{task}.jsonl, {task}_e.jsonl
     python scripts/prepare_longbench.py --out /data/longbench
-    python -m kvbench.runner.run task=longbench task.data_dir=/data/longbench ...
+    kvbench run task=longbench task.data_dir=/data/longbench ...
 
 The archive is cached by huggingface_hub (HF_HOME), so a second call is offline.
 The hub repo THUDM/LongBench is a loading script, which datasets >= 4 refuses;

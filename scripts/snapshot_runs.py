@@ -5,6 +5,7 @@ Guards refactors that must not change behaviour: run it on the old code, then on
     python scripts/snapshot_runs.py run OUT_DIR [--quick]    # every method on passkey, ppl_synthetic, LongBench
                                                              # fixtures, and a sharded run (~4 min on 2 cores)
     python scripts/snapshot_runs.py compare OLD_DIR NEW_DIR  # exit 0 when every prediction and score is equal
+        [--ignore-identity]                                  # scores.json's run_id / settings aside (data moved)
 
 Runs go through the command line (`python -m kvbench run ...`), as a user makes them. Files are matched by
 their labels (model/task/method/budget) and name, not by run id, so a change of the id's hashing shows as a
@@ -27,6 +28,7 @@ METHODS = ("full,streamingllm,h2o,h2o-sink4,vatp,vatp-scissorhands,scissorhands,
            "headkv,tova,weightedkv")
 DECODE_METHODS = "full,streamingllm,h2o,h2o-sink4,vatp,scissorhands,tova,weightedkv"
 TIME_KEYS = ("seconds", "wall", "started", "time", "tokens_per_s")
+IDENTITY_KEYS = ("run_id", "settings")  # scores.json's run id and hashed settings: they hold data paths
 
 
 def sweeps(out: Path, fixtures: str) -> list[list[str]]:
@@ -64,12 +66,17 @@ def strip_times(value):
     return value
 
 
+def drop_identity(rows: list) -> list:
+    return [{k: v for k, v in row.items() if k not in IDENTITY_KEYS} for row in rows]
+
+
 def files(root: Path) -> dict[str, list]:
     """{labels/filename: parsed content without timing fields} of every run folder under root/runs."""
     found = {}
     for path in sorted((root / "runs").rglob("*")):
         if path.name == "scores.json" or (path.name.startswith("predictions") and path.suffix == ".jsonl"):
-            labels = path.relative_to(root / "runs").parts[:4]  # model/task/method/budget (the run id dir dropped)
+            model, task, method, budget_and_id = path.relative_to(root / "runs").parts[:4]
+            labels = (model, task, method, budget_and_id.rsplit("-", 1)[0])  # <budget>-<run id>: the id dropped
             text = path.read_text(encoding="utf-8")
             rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
                 else [json.loads(text)]
@@ -77,8 +84,15 @@ def files(root: Path) -> dict[str, list]:
     return found
 
 
-def compare(old: Path, new: Path) -> int:
+def compare(old: Path, new: Path, ignore_identity: bool = False) -> int:
     a, b = files(old), files(new)
+    if ignore_identity:
+        moved = sorted(k for k in set(a) & set(b) if k.endswith("scores.json") and a[k] != b[k]
+                       and drop_identity(a[k]) == drop_identity(b[k]))
+        for key in moved:
+            print(f"identity only (run id / hashed settings) differs: {key}")
+        a = {k: drop_identity(v) if k.endswith("scores.json") else v for k, v in a.items()}
+        b = {k: drop_identity(v) if k.endswith("scores.json") else v for k, v in b.items()}
     problems = [f"only in {old}: {k}" for k in sorted(set(a) - set(b))]
     problems += [f"only in {new}: {k}" for k in sorted(set(b) - set(a))]
     for key in sorted(set(a) & set(b)):
@@ -101,8 +115,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="compare two sets made by `run`")
     c.add_argument("old", type=Path)
     c.add_argument("new", type=Path)
+    c.add_argument("--ignore-identity", action="store_true",
+                   help="compare scores.json without run_id and settings (they change when a data path moves)")
     args = parser.parse_args(argv)
-    return run(args.out, args.fixtures) if args.command == "run" else compare(args.old, args.new)
+    return run(args.out, args.fixtures) if args.command == "run" else compare(args.old, args.new, args.ignore_identity)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ TINY = {
 }
 
 
-HEAD_SCORES = Path(__file__).parent / "fixtures" / "head_scores" / "tiny-random_r2.json"  # estimate_head_scores.py
+from tests.helpers import HEAD_SCORES  # noqa: E402
 
 
 def method_config(path) -> dict:

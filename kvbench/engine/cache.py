@@ -169,6 +169,12 @@ class CompressedLayer(CacheLayerMixin):
             keys = self.owner.rotate(keys, delta)
         return keys
 
+    @property
+    def recent(self) -> int:
+        """The protected recent window of this layer's allocation (0 before the prompt's cut)."""
+        allocation = self.owner.allocation
+        return allocation[2] if allocation else 0
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.ragged is not None:
             return self.ragged.max_len + self.ragged.decoded + query_length, 0
@@ -311,9 +317,9 @@ class CompressedLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """The KV cache of one generation (or one stream), compressed by `method` to `budget`.
 
-    Pass it as `past_key_values` and as `kvbench_cache` to a model whose attention
-    is kvbench's (see `kvbench.engine.attention.install`); `kvbench.models.generator` does both.
-    Set `phase = "decode"` after the prompt's forward pass.
+    A `kvbench.engine.Session` owns one and drives it: it passes the cache as `past_key_values` and as
+    `kvbench_cache` to a model whose attention is kvbench's (`kvbench.engine.install`), and moves `phase`
+    from "prefill" to "decode" after the prompt (no other code sets the phase).
     """
 
     def __init__(self, model, method: Policy, budget: Budget | None = None, reserve: int = 0):

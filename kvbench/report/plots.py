@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.report.tables import collect, find_runs, natural_key
+from kvbench.report.runs import collect, find_runs
+from kvbench.report.tables import natural_key
 
 REFERENCE_STYLES = ("--", ":", "-.")
 

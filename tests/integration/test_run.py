@@ -89,7 +89,7 @@ def test_run_folder_files_and_meta(tmp_path):
     expected = sum(32 / r["n_prompt"] for r in records) / len(records)
     grid = meta["kv"]["kv_kept_fraction_per_layer_head"]  # StreamingLLM keeps 32 of the prompt in every head
     assert all(cell == pytest.approx(expected, abs=1e-4) for row in grid for cell in row)
-    assert meta["command"].startswith("python -m kvbench.runner.run")
+    assert meta["command"].startswith("kvbench run")
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["n"] == 3 and set(scores["scores"]) == {"passkey"}
 

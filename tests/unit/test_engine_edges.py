@@ -10,8 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kvbench.engine import Budget, CompressedCache, forward
 from kvbench.engine.attention import MIN_BLOCK_ELEMENTS, attention_window, kvbench_attention
 from kvbench.methods import build
-
-from .test_attention import FakeModule
+from tests.helpers import FakeModule
 
 
 class LargestOutput(TorchDispatchMode):

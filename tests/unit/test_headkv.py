@@ -15,20 +15,10 @@ from kvbench.engine.ragged import merge_partials
 from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.methods.ada_snapkv import ada_caps
+from kvbench.methods.head_scores import load_head_scores
 from kvbench.methods.headkv import headkv_caps
 from kvbench.methods.pyramidkv import pyramid_cap
-from papers.head_scores import load_head_scores, write_head_scores
-
-from .test_attention import FakeModule
-from .test_methods import SCALING, D, dot, softmax
-
-
-def scores_file(tmp_path, importance, name="scores.json"):
-    """A score file in the published format from an importance table (layers, query heads)."""
-    path = tmp_path / name
-    write_head_scores(path, {(layer, h): [v, v] for layer, row in enumerate(importance) for h, v in enumerate(row)})
-    return path
-
+from tests.helpers import SCALING, D, FakeModule, dot, ragged_kept, scores_file, softmax
 
 # ----------------------------------------------------------------------------- head-score files
 
@@ -171,13 +161,6 @@ def one_layer_cache(method, budget, hkv, num_layers=1, layer_idx=0, reserve=4):
     config = SimpleNamespace(num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=hkv)
     cache = CompressedCache(SimpleNamespace(config=config), method, Budget(tokens=budget), reserve=reserve)
     return cache
-
-
-def ragged_kept(layer):
-    r = layer.ragged
-    pos = r.prefix_pos.tolist()
-    starts = r.cu_lens.tolist()
-    return [[pos[starts[b * r.heads + h]: starts[b * r.heads + h + 1]] for h in range(r.heads)] for b in range(r.batch)]
 
 
 def inputs(hkv, n, seed):
@@ -330,7 +313,7 @@ def run(tmp_path, *overrides):
 
 
 def test_headkv_runs_passkey_and_longbench_from_the_config(tmp_path, tiny_gqa):
-    from .test_longbench import FIXTURES
+    from tests.helpers import LONGBENCH_FIXTURES as FIXTURES
 
     model, _ = tiny_gqa
     cfg = model.config
@@ -461,7 +444,7 @@ def test_estimation_script_writes_a_file_headkv_runs_with(tmp_path, tiny_gqa):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "head_scores"
     done = subprocess.run(
         [sys.executable, "scripts/estimate_head_scores.py", "model=tiny-random", "lengths=2", "depths=3", "min_length=400",

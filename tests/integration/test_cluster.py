@@ -11,22 +11,22 @@ import pytest
 import yaml
 
 from kvbench.report.tables import main as tables_main
-from tests.test_tables import fake_run
+from tests.helpers import fake_run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_command(marker: str) -> list[str]:
-    """The first `python -m kvbench.runner.run ...` line of the README that contains `marker`, as arguments."""
+    """The first `kvbench run ...` line of the README that contains `marker`, as arguments."""
     for line in (ROOT / "README.md").read_text().splitlines():
-        if line.strip().startswith("python -m kvbench.runner.run") and marker in line:
-            return shlex.split(line.strip())[3:]
+        if line.strip().startswith("kvbench run") and marker in line:
+            return shlex.split(line.strip())[2:]
     raise AssertionError(f"no README command with {marker}")
 
 
 def kvbench_run(cwd, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "kvbench.runner.run", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "kvbench", "run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

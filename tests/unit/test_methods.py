@@ -15,23 +15,8 @@ from kvbench.engine import Budget, CompressedCache
 from kvbench.engine.attention import kvbench_attention
 from kvbench.errors import KVBenchError
 from kvbench.methods import REGISTRY, build
-
-from .conftest import method_config
-from .test_attention import FakeModule
-
-D = 8
-SCALING = D**-0.5
-
-
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
-
-
-def softmax(logits):
-    top = max(logits)
-    exps = [math.exp(x - top) for x in logits]
-    total = sum(exps)
-    return [e / total for e in exps]
+from tests.conftest import method_config
+from tests.helpers import SCALING, D, FakeModule, dot, softmax
 
 
 def norm(vec, kind):

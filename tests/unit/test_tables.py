@@ -1,31 +1,13 @@
 """Tables (one per task family, blanks, n, settings of same-labelled runs) and plots (one colour per
 method over every panel, reference lines, numeric order, ratio budgets), read back from the files."""
 
-import json
 
 import pandas as pd
 import pytest
-import yaml
 
-from kvbench.report.tables import build_tables, collect, find_runs, main, natural_key, pivot
-
-TASK_NAMES = {"passkey": "passkey", "multikey": "multikey"}
-
-
-def fake_run(root, model, task, method, budget, scores, tokens=None, *, ratio=None, n=3, folder_name=None,
-             task_cfg=None, method_name=None, kept=None):
-    """A finished run folder: scores.json, config.yaml (and meta.json when `kept` tokens per head are given)."""
-    folder = root / "runs" / model / task / method / (folder_name or budget)
-    folder.mkdir(parents=True)
-    labels = {"model": model, "task": task, "method": method, "budget": budget}
-    (folder / "scores.json").write_text(json.dumps({**labels, "scores": scores, "n": n}))
-    name = TASK_NAMES.get(task, "perplexity" if task.startswith("ppl_") else "longbench" if "longbench" in task else task)
-    cfg = {"model": {"name": model}, "task": {"name": name, **(task_cfg or {})},
-           "method": {"name": method_name or method.split("-")[0]}, "budget": {"tokens": tokens, "ratio": ratio}}
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
-    if kept is not None:
-        (folder / "meta.json").write_text(json.dumps({"kv": {"kv_kept_tokens_per_layer_head": [[kept, kept]]}}))
-    return folder
+from kvbench.report.runs import collect, find_runs
+from kvbench.report.tables import build_tables, main, natural_key, pivot
+from tests.helpers import fake_run
 
 
 def test_one_table_per_family_read_back(tmp_path):

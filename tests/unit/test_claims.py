@@ -51,7 +51,7 @@ def test_prose_haystack_never_repeats_a_paragraph(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_NO_FETCH", "1")
     with pytest.raises(KVBenchError, match="KVBENCH_NO_FETCH") as err:  # offline and not cached: one line naming the fix
         paragraphs.__wrapped__()
-    assert "\n" not in str(err.value) and "python -m kvbench.tasks.prose" in str(err.value)
+    assert "\n" not in str(err.value) and "kvbench fetch" in str(err.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
     ours = [p for p in (Path(kvbench.__file__).parent / "assets" / "haystack.txt").read_text().split("\n\n") if p.strip()]
     book_path = tmp_path / "book.txt"

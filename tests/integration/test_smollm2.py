@@ -22,8 +22,7 @@ from kvbench.models.generator import Generator, generate
 from kvbench.models.registry import fetch, is_cached, model_folder
 from kvbench.resources import CONFIG_DIR
 from kvbench.tasks.perplexity import stream_nll
-
-from .conftest import method_config
+from tests.conftest import method_config
 
 PROSE = (Path(kvbench.__file__).parent / "assets" / "haystack.txt").read_text()  # our own English prose
 SPEC = yaml.safe_load((CONFIG_DIR / "model" / "smollm2-135m.yaml").read_text())
@@ -129,8 +128,7 @@ def test_longbench_fixture_end_to_end_through_the_chat_template(smollm2, tmp_pat
     from hydra import compose, initialize_config_dir
 
     from kvbench.runner.run import execute
-
-    fixtures = Path(__file__).parent / "fixtures" / "longbench"
+    from tests.helpers import LONGBENCH_FIXTURES as fixtures
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[
             "logger=none", f"paths.results={tmp_path}", "model=smollm2-135m", "model.device=cpu",

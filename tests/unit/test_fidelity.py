@@ -20,9 +20,7 @@ from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.methods.ada_snapkv import ada_caps
 from kvbench.methods.headkv import headkv_caps
-
-from .test_attention import FakeModule
-from .test_headkv import ragged_kept, scores_file
+from tests.helpers import FakeModule, ragged_kept, scores_file
 
 D = 8
 SCALING = D**-0.5

@@ -1,4 +1,4 @@
-"""`python -m kvbench.runner.status`: finished / partial (n of m, which shards) / missing, for a folder or an experiment."""
+"""`kvbench status`: finished / partial (n of m, which shards) / missing, for a folder or an experiment."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import re
 from kvbench.runner.lock import RunLock
 from kvbench.runner.run import execute, plan, resolve
 from kvbench.runner.status import main
-from tests.test_run import config
+from tests.integration.test_run import config
 
 # the demo experiment narrowed to the settings the runs below are made with (a setting is part of a run's id)
 SWEEP = ["task=passkey", "method=full,streamingllm,h2o", "budget.tokens=32,64", "task.num_samples=3",

@@ -11,8 +11,7 @@ from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.models import load
 from kvbench.models.generator import generate
-
-from .conftest import method_config, tiny_cfg
+from tests.conftest import method_config, tiny_cfg
 
 
 def prompt_ids(n, seed=0, vocab=260):

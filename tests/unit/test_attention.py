@@ -12,15 +12,7 @@ from kvbench.engine.attention import (
     kvbench_attention,
     visible_mask,
 )
-
-
-class FakeModule:
-    def __init__(self, base, layer_idx=0, groups=1):
-        self.num_key_value_groups = groups
-        self.config = type("C", (), {"kvbench_base_attention": base})()
-        self.layer_idx = layer_idx
-        self.is_causal = True
-        self.training = False
+from tests.helpers import FakeModule
 
 
 def naive_probs(query, key, scaling):

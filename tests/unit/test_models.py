@@ -6,8 +6,7 @@ import torch
 from kvbench.errors import KVBenchError
 from kvbench.models import load, wrap_chat
 from kvbench.models.loading import BYTE_TOKENIZER_DIR, build_byte_tokenizer
-
-from .conftest import tiny_cfg
+from tests.conftest import tiny_cfg
 
 
 def test_shipped_tokenizer_is_what_the_builder_writes(tmp_path):

@@ -10,9 +10,8 @@ from kvbench.engine import Budget, CompressedCache
 from kvbench.engine.attention import kvbench_attention
 from kvbench.methods import build
 from kvbench.methods.weightedkv import merged_value
-
-from .test_attention import FakeModule
-from .test_methods import SCALING, dot, random_inputs, softmax
+from tests.helpers import SCALING, FakeModule, dot, softmax
+from tests.unit.test_methods import random_inputs
 
 
 def test_paper_toy_merge():

@@ -22,9 +22,7 @@ from kvbench.tasks.metrics import (
     rouge_l,
     task_score,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
-
+from tests.helpers import LONGBENCH_FIXTURES as FIXTURES  # noqa: E402
 
 # ----------------------------------------------------------------------------- metrics
 

@@ -1,7 +1,7 @@
 """The README's commands, in the README's order after `make demo-tiny`, all run (scaled down, in a tmp folder).
 
 Each command of README.md's "Running" block (and `make demo-tiny` / `make sweep` as the Makefile spells
-them) runs in-process through `kvbench.runner.run.main`, with one sample of 300 tokens; the demo's sweep is
+them) runs in-process through `kvbench.runner.main.main`, with one sample of 300 tokens; the demo's sweep is
 narrowed to two methods on passkey. Every command must exit 0 and each distinct setting get its own run.
 """
 
@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCALE = {"task.num_samples": "1", "task.context_tokens": "300"}
 DEMO_NARROW = ["task=passkey", "method=full,streamingllm", "budget.tokens=128"]
 
 
 def make_recipe(target: str, assignments: dict) -> list[str]:
-    """The arguments `make <target> VAR=...` passes to `python -m kvbench.runner.run`, from the Makefile."""
+    """The arguments `make <target> VAR=...` passes to `kvbench run`, from the Makefile."""
     text = (ROOT / "Makefile").read_text()
     defaults = dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", text, flags=re.M))
-    recipe = re.search(rf"^{target}:.*\n\t\$\(PY\) -m kvbench\.run (.*)$", text, flags=re.M).group(1)
+    recipe = re.search(rf"^{target}:.*\n\t\$\(PY\) -m kvbench run (.*)$", text, flags=re.M).group(1)
     values = {**defaults, **assignments}
     return re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), ""), recipe).split()
 
@@ -32,8 +32,8 @@ def readme_commands() -> list[list[str]]:
     commands = [make_recipe("demo-tiny", {})]  # the fast demo; `make demo` is the real model's
     for line in block.splitlines():
         line = line.split("#", 1)[0].strip()
-        if line.startswith("python -m kvbench.runner.run"):
-            commands.append(line.split()[3:])
+        if line.startswith("kvbench run"):
+            commands.append(line.split()[2:])
         elif line.startswith("make sweep"):
             commands.append(make_recipe("sweep", dict(a.split("=", 1) for a in line.split()[2:])))
     return commands

@@ -16,7 +16,7 @@ from kvbench.runner.lock import RunLock
 from kvbench.runner.merge import main as merge_main
 from kvbench.runner.run import execute, plan, resolve
 from kvbench.runner.shards import Shard, interleave
-from tests.test_run import config, read_jsonl
+from tests.integration.test_run import config, read_jsonl
 
 ARGS = ["method=h2o", "budget.tokens=64", "task.num_samples=5"]
 TIMING = {"seconds", "prefill_seconds", "wall_seconds"}
@@ -102,7 +102,7 @@ def test_second_process_gets_the_lock_error_and_writes_nothing(tmp_path):
     first = execute(config(tmp_path, *ARGS, "task.num_samples=2"))  # a partial run: 2 of 3 samples on disk
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(first / ".lock")], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(KVBenchError) as err:
@@ -117,7 +117,7 @@ def test_second_process_gets_the_lock_error_and_writes_nothing(tmp_path):
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "x.lock")], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert dead.stdout.readline().strip() == "held"
     dead.kill()
     dead.wait()
@@ -145,7 +145,7 @@ def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, mo
 def test_shard_killed_mid_way_resumes(tmp_path):
     args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=10",
             "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     job = subprocess.Popen([sys.executable, "-m", "kvbench.runner.run", *args], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = run_folder(tmp_path, *ARGS)

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from kvbench.runner.folder import RunFolder, atomic_write_text, session_wall, timing_meta
+from kvbench.runner.folder import RunFolder, atomic_write_text
+from kvbench.runner.provenance import session_wall, timing_meta
 
 
 def folder_with(tmp_path, n=200):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from papers.reproduce import PAPER_DIR, PAPER_TABLES, compare, main, paper_frame
-from tests.test_tables import fake_run
+from tests.helpers import fake_run
 
 
 def test_paper_csvs_load_with_their_layout_and_cite_the_source():
@@ -23,7 +23,7 @@ def test_paper_csvs_load_with_their_layout_and_cite_the_source():
 
 
 def test_ours_and_delta_sit_beside_the_paper(tmp_path):
-    from kvbench.report.tables import collect, find_runs
+    from kvbench.report.runs import collect, find_runs
 
     fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.70})
     fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink1", "tokens4096", {"ppl_pg19": 12.0})
@@ -36,7 +36,7 @@ def test_ours_and_delta_sit_beside_the_paper(tmp_path):
 
 
 def test_average_cells_full_rows_and_smoke_substitutions(tmp_path):
-    from kvbench.report.tables import collect, find_runs
+    from kvbench.report.runs import collect, find_runs
 
     fake_run(tmp_path, "tiny", "longbench", "vatp", "ratio0.5", {"hotpotqa": 10.0, "trec": 30.0})
     fake_run(tmp_path, "llama3-8b-instruct", "longbench", "full", "full", {"qasper": 30.0, "hotpotqa": 40.0})
@@ -73,7 +73,7 @@ def test_written_tables_and_one_line_errors(tmp_path, capsys):
 def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from kvbench.report.tables import collect, find_runs
+    from kvbench.report.runs import collect, find_runs
     from kvbench.resources import CONFIG_DIR
     from kvbench.runner.run import execute
 
@@ -120,7 +120,7 @@ def test_smoke_table_has_our_numbers_only_and_reads_back(tmp_path):
 def test_several_runs_for_one_cell_are_noted(tmp_path):
     import os
 
-    from kvbench.report.tables import collect, find_runs
+    from kvbench.report.runs import collect, find_runs
 
     old = fake_run(tmp_path, "llama2-7b", "ppl_pg19", "streamingllm-sink4", "tokens4096", {"ppl_pg19": 9.0},
                    folder_name="tokens4096-aaaa", task_cfg={"num_tokens": 4096})

@@ -9,10 +9,9 @@ import pytest
 
 from kvbench.errors import KVBenchError
 from kvbench.tasks import build
+from tests.helpers import LONGBENCH_FIXTURES as FIXTURES
 
-from .test_longbench import FIXTURES
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def good_rows(stem="hotpotqa"):

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py on the CPU: the same code on a narrow model, and a report that says it is a CPU run."""
+"""kvbench check on the CPU: the same code on a narrow model, and a report that says it is a CPU run."""
 
 import json
 

@@ -1,0 +1,71 @@
+"""Helpers several test files share (fixtures are in conftest.py): fake attention modules, brute-force maths,
+head-score files, run folders on disk, and where the repository's data lives."""
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from kvbench.methods.head_scores import write_head_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+LONGBENCH_FIXTURES = ROOT / "papers" / "smoke" / "longbench"  # 2 rows per LongBench task (papers/smoke/make_longbench_fixtures.py)
+HEAD_SCORES = ROOT / "papers" / "smoke" / "head_scores" / "tiny-random_r2.json"  # scripts/estimate_head_scores.py
+
+
+class FakeModule:
+    def __init__(self, base, layer_idx=0, groups=1):
+        self.num_key_value_groups = groups
+        self.config = type("C", (), {"kvbench_base_attention": base})()
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.training = False
+
+
+D = 8
+SCALING = D**-0.5
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def softmax(logits):
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def scores_file(tmp_path, importance, name="scores.json"):
+    """A score file in the published format from an importance table (layers, query heads)."""
+    path = tmp_path / name
+    write_head_scores(path, {(layer, h): [v, v] for layer, row in enumerate(importance) for h, v in enumerate(row)})
+    return path
+
+
+def ragged_kept(layer):
+    r = layer.ragged
+    pos = r.prefix_pos.tolist()
+    starts = r.cu_lens.tolist()
+    return [[pos[starts[b * r.heads + h]: starts[b * r.heads + h + 1]] for h in range(r.heads)] for b in range(r.batch)]
+
+
+TASK_NAMES = {"passkey": "passkey", "multikey": "multikey"}
+
+
+def fake_run(root, model, task, method, budget, scores, tokens=None, *, ratio=None, n=3, folder_name=None,
+             task_cfg=None, method_name=None, kept=None):
+    """A finished run folder: scores.json, config.yaml (and meta.json when `kept` tokens per head are given)."""
+    folder = root / "runs" / model / task / method / (folder_name or budget)
+    folder.mkdir(parents=True)
+    labels = {"model": model, "task": task, "method": method, "budget": budget}
+    (folder / "scores.json").write_text(json.dumps({**labels, "scores": scores, "n": n}))
+    name = TASK_NAMES.get(task, "perplexity" if task.startswith("ppl_") else "longbench" if "longbench" in task else task)
+    cfg = {"model": {"name": model}, "task": {"name": name, **(task_cfg or {})},
+           "method": {"name": method_name or method.split("-")[0]}, "budget": {"tokens": tokens, "ratio": ratio}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if kept is not None:
+        (folder / "meta.json").write_text(json.dumps({"kv": {"kv_kept_tokens_per_layer_head": [[kept, kept]]}}))
+    return folder
