@@ -104,6 +104,12 @@ def papers():
     return importlib.import_module("papers.reproduce")
 
 
+def _papers_main(argv: list[str]) -> int:
+    reproduce = papers()
+    sys.argv[0] = "kvbench reproduce"
+    return reproduce.main(argv)
+
+
 def fetch(argv: list[str]) -> int:
     if argv:
         print("usage: kvbench fetch\n\nFetch (and convert) the registry-shipped model and text once into the cache.")
@@ -114,20 +120,24 @@ def fetch(argv: list[str]) -> int:
     return models_main([]) or text_main()
 
 
-def _module_main(module: str):
-    return lambda argv: importlib.import_module(module).main(argv)
+def _module_main(module: str, name: str):
+    def call(argv):
+        sys.argv[0] = f"kvbench {name}"  # argparse's usage line names the subcommand
+        return importlib.import_module(module).main(argv)
+
+    return call
 
 
 COMMANDS = {
     "run": run,
     "list": list_configs,
-    "table": _module_main("kvbench.report.tables"),
+    "table": _module_main("kvbench.report.tables", "table"),
     "report": report,
-    "status": _module_main("kvbench.runner.status"),
-    "merge": _module_main("kvbench.runner.merge"),
-    "reproduce": lambda argv: papers().main(argv),
-    "compare": lambda argv: papers().main(argv),  # the old name of `reproduce`
-    "check": _module_main("kvbench.check"),
+    "status": _module_main("kvbench.runner.status", "status"),
+    "merge": _module_main("kvbench.runner.merge", "merge"),
+    "reproduce": lambda argv: _papers_main(argv),
+    "compare": lambda argv: _papers_main(argv),  # the old name of `reproduce`
+    "check": _module_main("kvbench.check", "check"),
     "fetch": fetch,
 }
 

@@ -135,7 +135,7 @@ def test_override_precheck_names_valid_choices():
 def cli(tmp_path, *args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "kvbench.runner.run", *args, f"paths.results={tmp_path / 'results'}"],
+        [sys.executable, "-m", "kvbench", "run", *args, f"paths.results={tmp_path / 'results'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
 

@@ -146,7 +146,7 @@ def test_shard_killed_mid_way_resumes(tmp_path):
     args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=10",
             "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    job = subprocess.Popen([sys.executable, "-m", "kvbench.runner.run", *args], cwd=tmp_path, env=env,
+    job = subprocess.Popen([sys.executable, "-m", "kvbench", "run", *args], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = run_folder(tmp_path, *ARGS)
     shard_file = folder / "predictions.0-of-2.jsonl"

@@ -405,7 +405,7 @@ def test_official_lengths_depths_and_success_tests():
 
 
 def test_generation_stops_as_the_official_scripts(tiny_gqa, monkeypatch):
-    from kvbench import headscores
+    import papers.head_scores as headscores
     from kvbench.engine.attention import attention_function
 
     model, tok = tiny_gqa

@@ -78,7 +78,7 @@ def test_good_fixtures_pass_unchanged():
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     folder = write(tmp_path / "lb", "hotpotqa", [])
     done = subprocess.run(
-        [sys.executable, "-m", "kvbench.runner.run", "logger=none", f"paths.results={tmp_path / 'results'}", "task=longbench",
+        [sys.executable, "-m", "kvbench", "run", "logger=none", f"paths.results={tmp_path / 'results'}", "task=longbench",
          f"task.data_dir={folder}", "task.subsets=[hotpotqa]", "task.download=false", "model=tiny-random",
          f"hydra.run.dir={tmp_path / 'hydra'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
