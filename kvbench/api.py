@@ -38,8 +38,8 @@ from kvbench.methods import build
 @contextmanager
 def compress(model, method: str = "snapkv", budget=None, *, reserve: int = 64, **settings) -> Iterator[Session]:
     """A `Session` of `model` whose cache `method` (a registry name, `kvbench list methods`; its settings as
-    keyword arguments) compresses to `budget` (tokens: an int; a ratio of the prompt: a float < 1; None: the
-    method's own default or no limit). Inside the block the model runs kvbench's attention function on top of its
+    keyword arguments) compresses to `budget` (tokens: an int; a ratio of the prompt: a float < 1; None: no
+    limit, nothing evicted). Inside the block the model runs kvbench's attention function on top of its
     own implementation; leaving it restores the model's implementation. `reserve`: decode tokens to allocate for."""
     policy = build({"name": method, **settings})
     previous = model.config._attn_implementation
@@ -53,6 +53,7 @@ def compress(model, method: str = "snapkv", budget=None, *, reserve: int = 64, *
 
 
 def _budget(budget) -> Budget:
+    """tokens (an int, or a float >= 1), a ratio of the prompt (a float < 1), or None (no limit)."""
     if isinstance(budget, bool) or not isinstance(budget, int | float | type(None)):
         raise KVBenchError(f"budget={budget!r}: give tokens (an int), a ratio of the prompt (a float < 1) or None")
     if isinstance(budget, float) and budget < 1:
@@ -67,12 +68,11 @@ def _group_overrides(model, method: str, budget, task: str, logger: str) -> list
 
         is_config = (CONFIG_DIR / "model" / f"{model}.yaml").exists()
         overrides += [f"model={model}"] if is_config else ["model=tiny", f"model.path={model}"]
-    if isinstance(budget, bool) or not isinstance(budget, int | float | type(None)):
-        raise KVBenchError(f"budget={budget!r}: give tokens (an int), a ratio of the prompt (a float < 1) or None")
-    if isinstance(budget, float) and budget < 1:
-        overrides += ["budget=ratio", f"budget.ratio={budget}"]
-    elif budget is not None:
-        overrides += [f"budget.tokens={int(budget)}"]
+    budget = _budget(budget)
+    if budget.ratio is not None:
+        overrides += ["budget=ratio", f"budget.ratio={budget.ratio}"]
+    elif budget.tokens is not None:
+        overrides += [f"budget.tokens={budget.tokens}"]
     return overrides
 
 

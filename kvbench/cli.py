@@ -135,8 +135,8 @@ COMMANDS = {
     "report": report,
     "status": _module_main("kvbench.runner.status", "status"),
     "merge": _module_main("kvbench.runner.merge", "merge"),
-    "reproduce": lambda argv: _papers_main(argv),
-    "compare": lambda argv: _papers_main(argv),  # the old name of `reproduce`
+    "reproduce": _papers_main,
+    "compare": _papers_main,  # the old name of `reproduce`
     "check": _module_main("kvbench.check", "check"),
     "fetch": fetch,
 }

@@ -12,7 +12,6 @@ import torch
 
 from kvbench.engine.attention import attention_function, kvbench_attention
 from kvbench.errors import KVBenchError
-from kvbench.methods.head_scores import write_head_scores  # noqa: F401 (the estimation's writer)
 from kvbench.resources import ASSETS_DIR
 
 # ----------------------------------------------------------------------------- estimation

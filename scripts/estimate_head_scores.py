@@ -44,16 +44,11 @@ from tqdm import tqdm
 
 from kvbench import models
 from kvbench.errors import KVBenchError
-from papers.head_scores import (
-    NEEDLES,
-    estimate_head_scores,
-    official_depths,
-    official_lengths,
-    write_head_scores,
-)
+from kvbench.methods.head_scores import write_head_scores
+from kvbench.resources import CONFIG_DIR
+from papers.head_scores import NEEDLES, estimate_head_scores, official_depths, official_lengths
 
 log = logging.getLogger("kvbench")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def estimate(cfg: DictConfig) -> list[Path]:

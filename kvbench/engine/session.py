@@ -14,6 +14,7 @@ cache's (`original` keeps counting, `shifted` uses the cache length).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,17 +77,14 @@ class Session:
         return self.cache.kv_summary()
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0,
-                 synchronize: bool = False) -> Greedy:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0) -> Greedy:
         """Greedy decoding of a batch of equal-length prompts (batch, n): at most `max_new_tokens` per
         sequence, a sequence ending at its first stop token (never before `min_new_tokens`)."""
-        import time
-
         device = input_ids.device
         batch = input_ids.shape[0]
         stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         logits = self.prefill(input_ids)[:, -1]
-        if synchronize:
+        if device.type == "cuda":  # the prompt's kernels finished: prefill_end times them
             torch.cuda.synchronize(device)
         prefill_end = time.perf_counter()
         prompt_kv = self.kv_summary()  # the prompt alone, as the policy left it

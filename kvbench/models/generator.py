@@ -63,8 +63,7 @@ def generate(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     session = Session(model, method, budget, reserve=max_new_tokens)
-    greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens,
-                              synchronize=device.type == "cuda")
+    greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens)
     kv = {**greedy.prompt_kv, **decode_kv(greedy.prompt_kv, session.kv_summary())}
     if device.type == "cuda":
         torch.cuda.synchronize(device)

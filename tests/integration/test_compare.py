@@ -5,7 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from papers.reproduce import PAPER_DIR, PAPER_TABLES, compare, main, paper_frame
+from papers.reproduce import compare, main
+from papers.tables import PAPER_DIR, PAPER_TABLES, paper_frame
 from tests.helpers import fake_run
 
 

@@ -106,7 +106,8 @@ def test_claims_read_only_the_experiments_own_runs(tmp_path):
     """Another experiment's run with the same labels (task, method, budget) is not one of the sweep's."""
     import json
 
-    from papers.reproduce import PAPER_TABLES, reproduce, sweep_folders
+    from papers.reproduce import reproduce, sweep_folders
+    from papers.tables import PAPER_TABLES
 
     folders = sweep_folders(PAPER_TABLES["streamingllm_sinks"], "cpu", str(tmp_path), [])
     assert [f.parent.name for f in folders] == ["streamingllm-sink0", "streamingllm-sink1", "streamingllm-sink4"]

@@ -233,3 +233,14 @@ def test_compress_rejects_bad_budgets(budget):
     with pytest.raises(kvbench.KVBenchError), kvbench.compress(plain, method="full", budget=budget):
         pass
     assert plain.config._attn_implementation == "sdpa"
+
+
+def test_budget_arguments_of_the_api():
+    from kvbench.api import _budget
+    from kvbench.errors import KVBenchError
+
+    assert _budget(128) == kvbench.Budget(tokens=128) and _budget(0.5) == kvbench.Budget(ratio=0.5)
+    assert _budget(None) == kvbench.Budget() and _budget(256.0) == kvbench.Budget(tokens=256)
+    for bad in ("128", True, 0, -0.5):
+        with pytest.raises(KVBenchError):
+            _budget(bad)

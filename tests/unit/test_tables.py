@@ -157,3 +157,26 @@ def test_an_ad_hoc_sweep_table_is_named_after_its_sweep(tmp_path, capsys):
     second = pd.read_csv(tmp_path / "tables" / "sweep-2026-01-02-03-09-00_retrieval.csv")
     assert len(first) == 2 and len(second) == 1  # the second sweep did not overwrite the first's table
     assert "sweep-2026-01-02-03-04-05_retrieval.md" in capsys.readouterr().out
+
+
+def test_newest_picks_the_run_whose_scores_were_written_last(tmp_path):
+    import os
+
+    from kvbench.report.runs import newest
+
+    old = fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 10.0}, 64, folder_name="tokens64-b")
+    new = fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 90.0}, 64, folder_name="tokens64-a")
+    os.utime(old / "scores.json", (1_000, 1_000))  # "b" sorts last but was written first
+    rows = newest(collect([old, new]))
+    assert set(rows["run"]) == {str(new)} and rows["score"].tolist() == [90.0]
+
+
+def test_kvbench_report_writes_tables_and_the_plot(tmp_path, capsys):
+    from kvbench.cli import main as kvbench_main
+
+    fake_run(tmp_path, "tiny", "passkey", "full", "full", {"passkey": 100.0})
+    fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 50.0}, 64)
+    assert kvbench_main(["report", "--results", str(tmp_path), "--name", "mine"]) == 0
+    assert (tmp_path / "tables" / "mine_retrieval.md").exists()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "plots" / "mine_budget_vs_score.png").exists()
