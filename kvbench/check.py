@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench.engine import Budget, Session, install
+from kvbench.engine import Budget, Session, cache_argument, install
 from kvbench.methods import REGISTRY, build
 from kvbench.methods.head_scores import write_head_scores
 from kvbench.models.loading import build_tiny
@@ -105,14 +105,14 @@ def run_plain(model, ids, steps, device) -> dict:
     cache = DynamicCache(config=model.config)
     peak_reset(device)
     start = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     sync(device)
     prefill_s, tokens, step_s = time.perf_counter() - start, [], []
     for _ in range(steps):
         token = logits.argmax(-1)[:, None]
         tokens.append(int(token))
         start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits[:, -1]
         sync(device)
         step_s.append(time.perf_counter() - start)
     return {"prefill_s": prefill_s, "step_s": sorted(step_s)[len(step_s) // 2], "peak": peak(device), "tokens": tokens,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvbench.engine import cache_argument
 from kvbench.engine.attention import attention_function, kvbench_attention
 from kvbench.errors import KVBenchError
 from kvbench.resources import ASSETS_DIR
@@ -189,7 +190,7 @@ def needle_run(model, tokenizer, ids: list[int], span, variant: str, max_new_tok
         probe: dict[int, torch.Tensor] = {}
         start = context.shape[0] - step_ids.shape[1]
         out = model(input_ids=step_ids, position_ids=torch.arange(start, context.shape[0], device=device)[None],
-                    past_key_values=cache, use_cache=True, kvbench_probe=probe, logits_to_keep=1)
+                    **cache_argument(model, cache), use_cache=True, kvbench_probe=probe, logits_to_keep=1)
         token = int(out.logits[0, -1].argmax())
         rows = torch.stack([probe[i] for i in range(config.num_hidden_layers)])
         score += step_scores(rows, token, context, span, variant).cpu()

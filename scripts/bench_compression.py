@@ -45,6 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvbench.check import DECODE_STAGE, build_model, method_configs, sync, write_random_head_scores
+from kvbench.engine import cache_argument
 
 VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as",
             "transpose", "t", "permute", "alias", "reshape", "as_strided", "values", "lift_fresh", "detach"}
@@ -93,7 +94,7 @@ def prefill(model, method_cfg, ids, budget):
 
     if method_cfg is None:
         model.set_attn_implementation("sdpa")
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True, logits_to_keep=1)
         return out.logits
     install(model, "sdpa")
     return Session(model, build(method_cfg), Budget(tokens=budget)).prefill(ids)
@@ -163,10 +164,10 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
         ids = torch.randint(4, 260, (1, budget), device=device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **cache_argument(model, cache), use_cache=True, logits_to_keep=1).logits
 
         def step(token):
-            return model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            return model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits
     else:
         install(model, "sdpa")
         cfg = {**method_cfg, "stage": "decode"} if method_cfg["name"] in DECODE_STAGE else method_cfg

@@ -6,6 +6,8 @@ Public API (documented in docs/api.md, tested as public):
 - `Session(model, policy, budget, reserve)`: the one driver of a compressed generation (prefill, step, generate);
 - `Budget(tokens=N)` / `Budget(ratio=r)`: what a policy may keep per head per layer;
 - `CompressedCache`: the transformers `Cache` the session owns (`kv_summary()` says what it kept);
+- `cache_argument(model, cache)`: the cache under the keyword the installed transformers takes (`cache` or
+  `past_key_values`), for calls to the model outside a session;
 - the small types a method is written against: `StatsRequest`, `Stats`, `LayerView`, `Victim`, `ModelShape`,
   `Policy`.
 """
@@ -13,8 +15,8 @@ Public API (documented in docs/api.md, tested as public):
 from kvbench.engine.attention import install
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
-from kvbench.engine.session import Session, forward
+from kvbench.engine.session import Session, cache_argument, forward
 from kvbench.engine.types import LayerView, ModelShape, Policy, Stats, StatsRequest, Victim
 
 __all__ = ["Budget", "CompressedCache", "LayerView", "ModelShape", "Policy", "Session", "Stats", "StatsRequest",
-           "Victim", "forward", "install"]
+           "Victim", "cache_argument", "forward", "install"]

@@ -4,28 +4,36 @@
 transformers' `AttentionInterface` and switches the model to it; nothing is
 patched globally and no model class is touched. The function:
 
-1. delegates the attention itself to the base implementation (`sdpa`, `eager`,
-   `flash_attention_2`), with the causal layout of kvbench's cache: every cached
-   token is visible, the new tokens are causal among themselves;
+1. runs the layer's own attention (`LayerAttention`: the scaling the module
+   passes, a sliding window, logit softcapping, attention sinks) on kvbench's
+   cache: every cached token the layer's mask allows is visible, the new tokens
+   are causal among themselves. It delegates to the base implementation (`sdpa`,
+   `eager`, `flash_attention_2`) where that can run the layer, and computes the
+   attention itself (exact, in query blocks) where it cannot: softcapping or
+   sinks under sdpa/eager, a sliding window over a compressed layer under
+   flash-attn;
 2. when the call carries a `kvbench_cache` (a `CompressedCache`), computes only
-   the statistics the active method asks for and hands them to the cache, which
-   compacts that layer right away. Column sums and a decode step's row come out
-   of the same pass as the output (the base implementation is not called then).
+   the statistics the active method asks for, with the same semantics, and hands
+   them to the cache, which compacts that layer right away. Column sums and a
+   decode step's row come out of the same pass as the output.
 
 Statistics never hold an n x n matrix: column sums over all queries are taken in
 query blocks (O(block * n) memory), the window statistic is the same sum over
 the last w queries (also in blocks), the decode row is one query. Query heads of a GQA group are averaged
-so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32.
+so every statistic is per KV head: shape (batch, kv_heads, kv_len), float32. A sink takes probability
+mass from every query but is never a cache token: it appears in no statistic.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvbench.engine.architecture import check_supported
 from kvbench.engine.types import Stats, StatsRequest
 
 NAME = "kvbench"
@@ -35,12 +43,49 @@ BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 2**22, 2**26
 
 
-def visible_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Boolean (q_len, kv_len): query i (the i-th new token) sees every cached key and new keys up to itself."""
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer turns query-key logits into probabilities, as its module passes them to the attention
+    function: logits = q.k * scaling, then softcap * tanh(logits / softcap) when softcapped; a query at
+    position p sees the keys at positions p - window < pos <= p (every earlier key without a window);
+    `sinks` (query_heads,) are per-head logits that join each softmax and take mass (gpt-oss `s_aux`)."""
+
+    scaling: float
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, spec, head_dim: int) -> LayerAttention:
+        """From a LayerAttention, a scaling factor, or None (head_dim ** -0.5)."""
+        if isinstance(spec, LayerAttention):
+            return spec
+        return cls(head_dim**-0.5 if spec is None else spec)
+
+    @property
+    def plain(self) -> bool:
+        """Softmax of scaled logits: what every base implementation computes."""
+        return self.softcap is None and self.sinks is None
+
+
+def hidden(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where a query cannot see a key: a later key, or one the window left behind.
+
+    q_pos (q,); key_pos (k,) -> (q, k), or per head (B, H, k) -> (B, H, q, k)."""
+    keys = key_pos[..., None, :]
+    queries = q_pos[:, None]
+    out = keys > queries
+    if window:
+        out |= keys <= queries - window
+    return out
+
+
+def visible_mask(q_len: int, kv_len: int, device, window: int | None = None) -> torch.Tensor:
+    """Boolean (q_len, kv_len): query i (the i-th of the newest q_len tokens, the keys in position order)
+    sees every earlier key (within `window`) and itself."""
     offset = kv_len - q_len
-    q_idx = torch.arange(q_len, device=device)[:, None]
-    k_idx = torch.arange(kv_len, device=device)[None, :]
-    return k_idx <= q_idx + offset
+    q_pos = torch.arange(offset, kv_len, device=device)
+    return ~hidden(q_pos, torch.arange(kv_len, device=device), window)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -72,38 +117,64 @@ def _base_function(name: str):
     raise ValueError(f"unknown base attention {name!r}; choose one of {BASE_IMPLEMENTATIONS}")
 
 
+def _mask_for_base(base: str, attn: LayerAttention, query, key, positions):
+    """The mask the base implementation needs on kvbench's cache, or None (its own causal rule suffices).
+
+    `positions` (see `attention_column_sums`), when given, place the keys (a sliding layer with gaps); else
+    the keys are the newest kv_len positions in order."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if base == "flash_attention_2":
+        return None  # bottom-right causal and its own window, on keys in position order
+    if positions is not None:
+        key_pos, end = positions
+        visible = ~hidden(torch.arange(end - q_len, end, device=query.device), key_pos, attn.window)
+        visible = visible.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    elif (q_len > 1 and kv_len != q_len) or (attn.window and kv_len > attn.window):
+        visible = visible_mask(q_len, kv_len, query.device, attn.window)[None, None]
+    else:
+        return None
+    if base == "sdpa":
+        return visible
+    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+    return mask.masked_fill(~visible, torch.finfo(query.dtype).min)
+
+
 def kvbench_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvbench_cache=None, **kwargs
 ):
-    ragged = kvbench_cache.layers[module.layer_idx].ragged if kvbench_cache is not None else None
-    if ragged is not None:  # per-head budgets after the prompt: no statistics, decoded tokens appended
-        return ragged.attention(query, query.shape[-1] ** -0.5 if scaling is None else scaling), None
-    base = getattr(module.config, "kvbench_base_attention", "sdpa")
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask = None
-    if q_len > 1 and kv_len != q_len and base != "flash_attention_2":
-        # new tokens after a (possibly compressed) cached prefix: bottom-right causal.
-        # flash-attn aligns its causal mask bottom-right already.
-        visible = visible_mask(q_len, kv_len, query.device)[None, None]
-        if base == "sdpa":
-            mask = visible
-        else:
-            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill(~visible, torch.finfo(query.dtype).min)
+    sinks = kwargs.pop("s_aux", None)
+    attn = LayerAttention(
+        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        window=kwargs.pop("sliding_window", None) or None,
+        softcap=kwargs.pop("softcap", None) or None,
+        sinks=None if sinks is None else sinks.float(),
+    )
+    layer = kvbench_cache.layers[module.layer_idx] if kvbench_cache is not None else None
+    if layer is not None and layer.ragged is not None:  # per-head budgets after the prompt
+        return layer.ragged.attention(query, attn), None
+    positions = layer.positions() if layer is not None and attn.window else None
+    base = getattr(module.config, "kvbench_base_attention", None) or "sdpa"
+    # a base that cannot run this layer on kvbench's cache: kvbench computes it (exact, in query blocks)
+    own = not attn.plain or (base == "flash_attention_2" and positions is not None)
+    q_len = query.shape[2]
     kwargs.pop("is_causal", None)
     request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
-    if q_len == 1 and request.row and not request.colsum and not request.window:
-        # a decode step whose method needs the attention row: one pass gives both output and row
-        out, row = attention_with_row(query, key, value, scaling)
-        stats = Stats(n_queries=1, row=row)
-    elif (request.colsum or request.row) and not request.window:
-        # column sums over every query (H2O, VATP, WeightedKV at the prompt): the same blocked pass
-        # gives the output, so the prompt costs one attention pass, not the base's plus the statistics'
-        colsum, out = attention_column_sums(query, key, scaling, value=value)
-        stats = Stats(n_queries=q_len, colsum=colsum, row=colsum if request.row else None)
+    if not request.window and (request.colsum or request.row or own):
+        # one blocked pass gives the output and the column sums (H2O, VATP, WeightedKV at the prompt; a
+        # decode step's row): the prompt costs one attention pass, not the base's plus the statistics'
+        colsum, out = attention_column_sums(query, key, attn, value=value, positions=positions)
+        keep_sums = request.colsum or (request.row and q_len > 1)
+        stats = Stats(n_queries=q_len, colsum=colsum if keep_sums else None, row=colsum if request.row else None)
     else:
-        out, _ = _base_function(base)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-        stats = compute_stats(request, query, key, scaling) if request.any() else Stats(n_queries=q_len)
+        if own:
+            _, out = attention_column_sums(query, key, attn, value=value, positions=positions)
+        else:
+            mask = _mask_for_base(base, attn, query, key, positions)
+            if base == "flash_attention_2" and attn.window:
+                kwargs["sliding_window"] = attn.window
+            out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
+                                          **kwargs)
+        stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
@@ -124,9 +195,11 @@ def attention_function(model, name: str, function):
 
 
 def install(model, base: str = "sdpa") -> None:
-    """Register kvbench's attention function and switch `model` to it, delegating to `base`."""
+    """Register kvbench's attention function and switch `model` to it, delegating to `base`. A model whose
+    cache kvbench cannot hold (kvbench.engine.architecture) is refused here, before any sample."""
     if base not in BASE_IMPLEMENTATIONS:
         raise ValueError(f"unknown base attention {base!r}; choose one of {BASE_IMPLEMENTATIONS}")
+    check_supported(model.config)
     AttentionInterface.register(NAME, kvbench_attention)
     model.config.kvbench_base_attention = base
     model.set_attn_implementation(NAME)
@@ -141,18 +214,29 @@ def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.view(b, kv_heads, hq // kv_heads, q, d)
 
 
-def _probs(query_g, key, scaling, q_first, kv_len) -> torch.Tensor:
-    """Softmax attention (float32) of a block of grouped queries on `key`, causal.
+def _probs(query_g, key, attn: LayerAttention, q_pos, key_pos) -> torch.Tensor:
+    """Softmax attention (float32) of a block of grouped queries at positions `q_pos` (q,) on `key` at
+    positions `key_pos` ((k,), or (B, Hkv, k) per head; None: nothing to mask), with the layer's softcap,
+    window and sinks.
 
-    `q_first` is the key index the block's first query sits at (it sees keys up to it).
-    Works in place on one float32 buffer of the block's logits."""
+    Works in place on one float32 buffer of the block's logits; the sink's share is left out."""
     logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key)
     logits = logits.float() if logits.dtype != torch.float32 else logits
-    q_idx = torch.arange(q_first, q_first + query_g.shape[3], device=key.device)[:, None]
-    k_idx = torch.arange(kv_len, device=key.device)[None, :]
-    logits.mul_(scaling).masked_fill_(k_idx > q_idx, float("-inf"))
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=-1, keepdim=True))
+    logits.mul_(attn.scaling)
+    if attn.softcap is not None:
+        logits.div_(attn.softcap).tanh_().mul_(attn.softcap)
+    if key_pos is not None:  # None: one query, no window: it sees every key up to itself (keys cut there)
+        masked = hidden(q_pos, key_pos, attn.window)
+        logits.masked_fill_(masked if masked.dim() == 2 else masked[:, :, None], float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)
+    if attn.sinks is not None:
+        sink = attn.sinks.view(1, key.shape[1], -1, 1, 1).to(logits.device)
+        top = torch.maximum(top, sink)
+    logits.sub_(top).exp_()
+    total = logits.sum(dim=-1, keepdim=True)
+    if attn.sinks is not None:
+        total = total + (sink - top).exp()
+    return logits.div_(total)
 
 
 def block_size(query, key) -> int:
@@ -163,26 +247,40 @@ def block_size(query, key) -> int:
     return max(1, elements // max(1, query.shape[0] * query.shape[1] * key.shape[2]))
 
 
-def attention_column_sums(query, key, scaling=None, block: int | None = None, first: int = 0, value=None):
+def attention_column_sums(query, key, attn=None, block: int | None = None, first: int = 0, value=None,
+                          positions: tuple[torch.Tensor, int] | None = None):
     """s_j = sum_i A_ij over the queries i >= `first` (causal), averaged over the query heads of a KV group.
 
-    Computed in query blocks so memory is O(block * kv_len), never O(q_len * kv_len). With `value`, the
-    same pass also gives the attention output, (B, q_len, Hq, D) as the base implementations return it:
-    returns (sums, output), one attention pass instead of two.
+    `attn` is the layer's `LayerAttention` (or a scaling factor). The queries are the newest q_len tokens;
+    the keys are in position order unless `positions` = (key positions (B, Hkv, kv), the position after the
+    newest query) places them (cached keys older than every query, the new ones last). Computed in query blocks so memory is O(block * kv_len), never
+    O(q_len * kv_len). With `value`, the same pass also gives the attention output, (B, q_len, Hq, D) as the
+    base implementations return it: returns (sums, output), one attention pass instead of two.
     """
     b, hq, q_len, d = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    scaling = d**-0.5 if scaling is None else scaling
+    attn = LayerAttention.of(attn, d)
     block = block or block_size(query, key)
     query_g = _grouped(query, kv_heads)
-    out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
     offset = kv_len - q_len
+    single = q_len - first == 1  # one query (a decode step's row): no mask without a window, no accumulation
+    out = None if single else torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
+    if positions is not None:
+        key_pos, q_base = positions[0], positions[1] - q_len
+    else:
+        key_pos = None if single and not attn.window else torch.arange(kv_len, device=key.device)
+        q_base = offset
     output = None if value is None else query.new_empty(query_g.shape[:3] + (q_len, value.shape[-1]))
     for start in range(first, q_len, block):
         stop = min(start + block, q_len)
         visible = offset + stop  # causal: this block sees no key past its last query
-        probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], scaling, start + offset, visible)
-        out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
+        q_pos = torch.arange(q_base + start, q_base + stop, device=key.device)
+        probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], attn, q_pos,
+                       None if key_pos is None else key_pos[..., :visible])
+        if single:
+            out = probs.sum(dim=3).mean(dim=2)
+        else:
+            out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
         if output is not None:
             weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
             output[:, :, :, start:stop] = torch.einsum("bhgqk,bhkd->bhgqd", weights, value[:, :, :visible])
@@ -191,39 +289,25 @@ def attention_column_sums(query, key, scaling=None, block: int | None = None, fi
     return out, output.view(b, hq, q_len, -1).transpose(1, 2).contiguous()
 
 
-def attention_window(query, key, window: int, scaling=None, block: int | None = None) -> torch.Tensor:
+def attention_window(query, key, window: int, attn=None, block: int | None = None, positions=None) -> torch.Tensor:
     """Mean attention of the last `window` queries on each key (group-averaged), in query blocks."""
     q_len = query.shape[2]
     w = min(window, q_len)
-    return attention_column_sums(query, key, scaling, block, first=q_len - w).div_(w)
+    return attention_column_sums(query, key, attn, block, first=q_len - w, positions=positions).div_(w)
 
 
-def attention_with_row(query, key, value, scaling=None):
-    """Attention of one query per head, and its softmax row averaged over each KV group.
-
-    Returns the output (B, 1, Hq, D) as the base implementations do, and the row (B, Hkv, kv_len) float32.
-    """
-    b, hq, _, d = query.shape
-    kv_heads = key.shape[1]
-    scaling = d**-0.5 if scaling is None else scaling
-    query_g = _grouped(query, kv_heads)  # (B, Hkv, G, 1, D)
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).mul_(scaling)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
-    out = torch.einsum("bhgqk,bhkd->bhgqd", weights, value).reshape(b, 1, hq, d)  # q = 1: (B, Hq, 1) = (B, 1, Hq)
-    return out, probs.mean(dim=(2, 3))
-
-
-def compute_stats(request: StatsRequest, query, key, scaling=None) -> Stats:
+def compute_stats(request: StatsRequest, query, key, attn=None, positions=None) -> Stats:
     stats = Stats(n_queries=query.shape[2])
     if request.colsum or (request.row and query.shape[2] > 1):
-        stats.colsum = attention_column_sums(query, key, scaling)
+        stats.colsum = attention_column_sums(query, key, attn, positions=positions)
     if request.window:
         # per query head (`gqa: expand`): the KV heads repeated to every query head first, as repeat_kv does
         groups = query.shape[1] // key.shape[1] if request.per_query_head else 1
         window_keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        stats.window = attention_window(query, window_keys, request.window, scaling)
+        if groups > 1 and positions is not None:
+            positions = (positions[0].repeat_interleave(groups, dim=1), positions[1])
+        stats.window = attention_window(query, window_keys, request.window, attn, positions=positions)
     if request.row:
         # a single decode query: its row is the column sum of one query
-        stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, scaling)
+        stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, attn, positions=positions)
     return stats

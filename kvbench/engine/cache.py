@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvbench.engine.architecture import layer_windows, text_config
 from kvbench.engine.budget import Budget
 from kvbench.engine.ragged import RaggedKV
 from kvbench.engine.selection import lowest, oldest, select, select_per_head
@@ -54,16 +55,18 @@ INT_STATE = ("pos", "rot", "rank")
 class CompressedLayer(CacheLayerMixin):
     """One layer's KV store with per-token state; see the module docstring."""
 
-    is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, owner: CompressedCache, layer_idx: int):
+    def __init__(self, owner: CompressedCache, layer_idx: int, window: int | None = None):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
+        self.window = window  # sliding-window attention: a query at p sees keys p - window < pos <= p
+        self.gaps = False  # a sliding layer holds tokens a method chose (not the newest in a row): mask by positions
         self.length = 0  # valid slots
         self.seen = 0  # tokens ever written (the next original position)
+        self._seen_before = 0  # `seen` before the last update
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
@@ -76,6 +79,26 @@ class CompressedLayer(CacheLayerMixin):
         # `rotation` (the oldest at sinks + rotation), slots [ring_end, length) newer ones in order; None: unknown
         self.ring_end: int | None = 0
         self.rotation = 0
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    @property
+    def layer_type(self) -> str:
+        return "sliding_attention" if self.window else "full_attention"
+
+    @property
+    def allocation(self) -> tuple[int | None, int, int] | None:
+        """(budget, sinks, recent) of this layer: the cache's, and on a sliding layer at most its window's
+        `window - 1` tokens (what the model itself keeps), no sinks (they left the window), the recent
+        window cut to the budget."""
+        allocation = self.owner.allocation
+        if allocation is None or self.window is None:
+            return allocation
+        budget, _, recent = allocation
+        budget = self.window - 1 if budget is None else min(budget, self.window - 1)
+        return budget, 0, min(recent, budget)
 
     # -- transformers' CacheLayerMixin interface
     def lazy_initialization(self, key_states, value_states):
@@ -154,26 +177,44 @@ class CompressedLayer(CacheLayerMixin):
             pos.copy_(torch.arange(self.seen, self.seen + q, device=self.device))
         if self.scores is not None:
             self.part("scores", start, q).zero_()
-        if self.owner.shifted:
-            ranks = torch.arange(start, start + q, device=self.device)
+        if self.owner.shifted:  # rotated at the position ids this step was given
+            end = self.owner.position_end
+            ranks = torch.arange(end - q, end, device=self.device) if self.window else \
+                torch.arange(start, start + q, device=self.device)
             self.part("rot", start, q).copy_(ranks)
             self.part("rank", start, q).copy_(ranks)
         self.length += q
+        self._seen_before = self.seen
         self.seen += q
         return self.current_keys(), self.part("values", 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
         keys = self.part("keys", 0, self.length)
-        if self.owner.shifted and self.moved:
+        if self.owner.shifted and self.window:
+            # a sliding layer's tokens sit side by side, the newest at the newest query's position (the
+            # position ids follow the full-attention layers, whose length differs from this layer's)
+            order = self.view("pos").argsort(dim=-1).argsort(dim=-1)
+            delta = order + (self.owner.position_end - self.length) - self.view("rot")
+            keys = self.owner.rotate(keys, delta, self.layer_type)
+        elif self.owner.shifted and self.moved:
             delta = self.state["rank"][:, :, : self.length] - self.state["rot"][:, :, : self.length]
-            keys = self.owner.rotate(keys, delta)
+            keys = self.owner.rotate(keys, delta, self.layer_type)
         return keys
 
     @property
     def recent(self) -> int:
         """The protected recent window of this layer's allocation (0 before the prompt's cut)."""
-        allocation = self.owner.allocation
+        allocation = self.allocation
         return allocation[2] if allocation else 0
+
+    def positions(self):
+        """(positions of the stored keys (batch, heads, length), the position after the newest token), for
+        a sliding layer's mask when its slots are not the newest tokens in position order; None when they are
+        (a prompt into an empty layer; one new token on a layer holding the newest tokens, whatever order)."""
+        q = self.seen - self._seen_before
+        if self.length == q or (q == 1 and not self.gaps):
+            return None
+        return self.view("pos"), self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.ragged is not None:
@@ -189,8 +230,9 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self):
         self.kv = self.keys = self.values = self.scores = None
         self.state, self.buffers, self._parts = {}, [], {}
-        self.length = self.seen = 0
+        self.length = self.seen = self._seen_before = 0
         self.moved = False
+        self.gaps = False
         self.ring_end, self.rotation = 0, 0
         self.ragged = None
         self.is_initialized = False
@@ -273,10 +315,10 @@ class CompressedLayer(CacheLayerMixin):
         self.state, self.buffers, self._parts = {}, [], {}
         self.length = 0
 
-    def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None) -> None:
+    def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None, sinks: int = 0) -> None:
         """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
-        the ring's oldest slot (an int, from `oldest_in_ring`) in every head; the last slot moves into its
-        place (a victim in the last slot copies onto itself)."""
+        the ring's oldest slot (an int, from `oldest_in_ring(sinks)`) in every head; the last slot moves into
+        its place (a victim in the last slot copies onto itself)."""
         last = self.length - 1
         if self.owner.shifted:
             if isinstance(victim, int):
@@ -288,7 +330,7 @@ class CompressedLayer(CacheLayerMixin):
         if isinstance(victim, int):
             for buffer, _ in self.buffers:
                 buffer.select(3, victim).copy_(buffer.select(3, last))
-            self._advance_ring(self.owner.allocation[1])
+            self._advance_ring(sinks)
         else:  # one slot per (batch, head): index_put_ with the layer's row, batch and head index tensors
             batch, heads = self.index
             for buffer, rows in self.buffers:
@@ -323,11 +365,14 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model, method: Policy, budget: Budget | None = None, reserve: int = 0):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         num_layers = config.num_hidden_layers
         query_heads = getattr(config, "num_attention_heads", None)
         self.shape = ModelShape(num_layers, query_heads, getattr(config, "num_key_value_heads", None) or query_heads)
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(num_layers)])
+        windows = layer_windows(model.config)
+        super().__init__(layers=[CompressedLayer(self, i, windows[i]) for i in range(num_layers)])
+        self.position_layer = next((i for i, window in enumerate(windows) if window is None), 0)
+        self.position_end = 0  # the position after the newest token given to the model
         self.method = method
         self.budget_spec = budget or Budget()
         self.allocation: tuple[int | None, int, int] | None = None  # (C, sinks, recent), set at the prompt
@@ -354,27 +399,38 @@ class CompressedCache(Cache):
 
     # -- driving
     def next_position_ids(self, q_len: int) -> torch.Tensor:
-        """Position ids (1, q_len) for the next tokens: continue counting, or the cache length if shifted."""
-        first = self.layers[0]
+        """Position ids (1, q_len) for the next tokens: continue counting, or, if shifted, the cache length
+        of the first full-attention layer (of the first layer on a model whose every layer slides)."""
+        first = self.layers[self.position_layer]
         start = first.length if self.shifted else first.seen
+        if self.shifted and first.ragged is not None:
+            start = first.seen  # a per-head store keeps no ranks: its tokens keep their positions
+        self.position_end = start + q_len
         device = first.device if first.is_initialized else None
         return torch.arange(start, start + q_len, device=device)[None]
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """RoPE-rotate each key by its own position delta (batch, heads, n); exact for any rope_type."""
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor, layer_type: str = "full_attention") -> torch.Tensor:
+        """RoPE-rotate each key by its own position delta (batch, heads, n); exact for any rope_type, with the
+        layer type's own frequencies where a model has one RoPE per layer type (Gemma 3)."""
         b, h, n, d = keys.shape
-        cos, sin = self.rotary(keys, delta.reshape(1, -1))
-        scale = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        per_type = hasattr(self.rotary, f"{layer_type}_inv_freq")
+        if per_type:
+            cos, sin = self.rotary(keys, delta.reshape(1, -1), layer_type)
+            scale = getattr(self.rotary, f"{layer_type}_attention_scaling", 1.0) or 1.0
+        else:
+            cos, sin = self.rotary(keys, delta.reshape(1, -1))
+            scale = getattr(self.rotary, "attention_scaling", 1.0) or 1.0
+        if cos.shape[-1] != d:  # half-width tables (gpt-oss): the same rotation of the two halves
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         cos = (cos / scale).view(b, h, n, d).to(keys.dtype)
         sin = (sin / scale).view(b, h, n, d).to(keys.dtype)
         return keys * cos + rotate_half(keys) * sin
 
     def _allocate(self, layer: CompressedLayer) -> tuple[int | None, int, int]:
+        """The method's allocation for the prompt (once), as it applies to `layer` (see its `allocation`)."""
         if self.allocation is None:
-            if self.phase == "prefill":
-                self.prompt_len = layer.length
             self.allocation = self.method.allocate(self.budget_spec, self.prompt_len)
-        return self.allocation
+        return layer.allocation
 
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
@@ -385,21 +441,37 @@ class CompressedCache(Cache):
         return self.method.stats_request(self.phase)
 
     def after_attention(self, layer_idx: int, stats: Stats) -> None:
-        method = self.method
-        if not method.compresses:
-            return
         layer = self.layers[layer_idx]
+        if self.phase == "prefill" and self.prompt_len is None:
+            self.prompt_len = layer.seen  # before any window cut
+        if layer.window and self.phase == "prefill" and layer.length > layer.window - 1:
+            # the model's own rule first: a sliding layer keeps the last window - 1 tokens (no method hook
+            # sees the others); the method then works inside the window on the statistics of those tokens
+            layer.compact(torch.arange(layer.length - layer.window + 1, layer.length, device=layer.device)
+                          .expand(*layer.keys.shape[:2], -1), extra=1)
+            stats = stats.last(layer.length)
+        if self.method.compresses:
+            self._compress(layer, stats)
+        while layer.window and layer.length > layer.window - 1:  # a decode step: the oldest left the window
+            victim = layer.oldest_in_ring(0)
+            layer.evict(oldest(layer, 0) if victim is None else victim)
+
+    def _compress(self, layer: CompressedLayer, stats: Stats) -> None:
+        method = self.method
         if self.phase == "prefill":
             budget, sinks, recent = self._allocate(layer)
+            if layer.window and method.per_head:
+                return  # per-head budgets compress the full-attention layers; a sliding layer keeps its window
             scores = method.prefill_scores(layer, stats)
             if budget is not None and layer.length > budget and method.per_head:
-                budgets = method.head_budgets(layer_idx, scores, budget, self.shape)
+                budgets = method.head_budgets(layer.layer_idx, scores, budget, self.shape)
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
             elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
                 keep = select(layer, scores, budget, sinks, recent)
                 method.before_compact(layer, keep)
                 layer.compact(keep, extra)
+                layer.gaps = bool(layer.window) and scores is not None
         elif method.stage == "decode":
             budget, sinks, recent = self._allocate(layer)
             method.decode_update(layer, stats)
@@ -409,25 +481,42 @@ class CompressedCache(Cache):
                     victim = layer.oldest_in_ring(sinks)
                     victim = oldest(layer, sinks) if victim is None else victim
                 else:
+                    if layer.window:  # a token that left the window goes first (it is no longer seen)
+                        scores = scores.masked_fill(layer.view("pos") <= layer.seen - layer.window, float("-inf"))
+                        layer.gaps = True
                     victim = lowest(layer, scores, sinks, recent)
                 method.before_evict(layer, victim, scores)
-                layer.evict(victim.slot, victim.pos) if isinstance(victim, Victim) else layer.evict(victim)
+                if isinstance(victim, Victim):
+                    layer.evict(victim.slot, victim.pos)
+                else:
+                    layer.evict(victim, sinks=sinks)
 
     # -- accounting
     def kv_summary(self) -> dict:
-        """Tokens and bytes stored per sequence vs a full cache, and kept tokens per layer and head."""
+        """Tokens and bytes stored per sequence vs the model's own cache (which keeps a sliding layer's last
+        window - 1 tokens), kept tokens per layer and head, and per layer type: its layers, window, budget
+        and mean kept tokens per head."""
         kept_tokens = full_tokens = kept_bytes = full_bytes = 0
-        per_layer = []
+        per_layer, by_type = [], {}
         for layer in self.layers:
             kept = layer.kept_per_head()
             if kept is None:
                 continue
             per_token = layer.bytes_per_token()
+            full = layer.kv_heads * (min(layer.seen, layer.window - 1) if layer.window else layer.seen)
             kept_tokens += sum(kept)
-            full_tokens += layer.kv_heads * layer.seen
+            full_tokens += full
             kept_bytes += sum(kept) * per_token
-            full_bytes += layer.kv_heads * layer.seen * per_token
+            full_bytes += full * per_token
             per_layer.append(kept)
+            allocation = layer.allocation if self.method.compresses else None
+            kind = by_type.setdefault(layer.layer_type, {"layers": 0, "window": layer.window,
+                                                         "budget": allocation[0] if allocation else None,
+                                                         "kept_per_head": 0.0})
+            kind["layers"] += 1
+            kind["kept_per_head"] += sum(kept) / len(kept)
+        for kind in by_type.values():
+            kind["kept_per_head"] = round(kind["kept_per_head"] / kind["layers"], 2)
         return {
             "kv_kept_tokens": kept_tokens,
             "kv_full_tokens": full_tokens,
@@ -435,4 +524,5 @@ class CompressedCache(Cache):
             "kv_full_bytes": full_bytes,
             "kv_kept_per_layer_head": per_layer,
             "kv_seen_tokens": max((layer.seen for layer in self.layers), default=0),
+            "kv_layer_types": by_type,
         }

@@ -37,6 +37,8 @@ import warnings
 
 import torch
 
+from kvbench.engine.attention import LayerAttention
+
 try:  # optional: the `gpu` extra
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -81,13 +83,15 @@ class SegmentPattern:
         self.crow, self.col, self.shape = crow, col, (segments * rows, int(cu_lens[-1]))
         self.empty = csr(crow, col, torch.zeros(nnz, device=lens.device), self.shape)
 
-    def partial(self, query, keys_t, values, scaling):
+    def partial(self, query, keys_t, values, scaling, softcap=None):
         """Unnormalised softmax attention of `query` (rows, d) on the pattern with the keys `keys_t` (d, N):
         (Σ w v, Σ w, max logit) per row, with w = exp(logit - max); a row with no token gives (0, 0, -inf).
         The weights overwrite the logits inside the sampled product's CSR tensor, which then multiplies
         the values (no second sparse tensor is built)."""
         sampled = torch.sparse.sampled_addmm(self.empty, query, keys_t, beta=0.0, alpha=scaling)
         logits = sampled.values()
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
         top = torch.segment_reduce(logits, "max", lengths=self.row_lens)
         weights = logits.sub_(top[self.row_of]).exp_()
         total = torch.segment_reduce(weights, "sum", lengths=self.row_lens)
@@ -139,14 +143,19 @@ class RaggedKV:
         self.decoded += q
 
     # -- attention
-    def attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Output (B, q, Hq, d) of `query` (B, Hq, q, d) on this store; the new tokens are already appended."""
+    def attention(self, query: torch.Tensor, attn) -> torch.Tensor:
+        """Output (B, q, Hq, d) of `query` (B, Hq, q, d) on this store; the new tokens are already appended.
+
+        `attn` is the layer's `LayerAttention` (scaling, softcap, sinks; a per-head store never holds a
+        sliding-window layer), or a scaling factor."""
+        attn = LayerAttention.of(attn, query.shape[-1])
         use_varlen = (
             flash_attn_varlen_func is not None
             and query.is_cuda
             and query.dtype in (torch.float16, torch.bfloat16)
+            and attn.sinks is None  # flash-attn 2 has no sink logit
         )
-        out = self._varlen(query, scaling) if use_varlen else self._sparse(query, scaling)
+        out = self._varlen(query, attn) if use_varlen else self._sparse(query, attn)
         return out if out.dtype == query.dtype else out.to(query.dtype)
 
     def pattern(self, rows: int) -> SegmentPattern:
@@ -167,31 +176,40 @@ class RaggedKV:
             self._float_prefix = (self.prefix_keys.t(), self.prefix_values)
         return self._float_prefix
 
-    def _sparse(self, query, scaling):
+    def _sparse(self, query, attn):
+        scaling, softcap = attn.scaling, attn.softcap
         b, hq, q, d = query.shape
         g = hq // self.heads
         query_g = as_float(query.reshape(b, self.heads, g * q, d))  # rows: (group member, query)
         # prefix: every new query sees its head's whole segment
         keys_t, values = self._prefix_for_sparse()
-        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys_t, values, scaling)
+        acc, total, top = self.pattern(g * q).partial(query_g.view(-1, d), keys_t, values, scaling, softcap)
         rows = (b, self.heads, g * q, 1)  # the row statistics keep a last dim of 1: they broadcast as they are
         # decoded block: bottom-right causal among the new queries, one softmax with the prefix's partial
         dkeys, dvalues = self._decoded_block()  # (B, H, n, d)
         n = dkeys.shape[2]
         logits = torch.einsum("bhrd,bhnd->bhrn", query_g, as_float(dkeys)).mul_(scaling)
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
         if q > 1:
             newest = torch.arange(q, device=query.device).repeat(g)[:, None] + n - q  # row r = (member, query)
             logits.masked_fill_(torch.arange(n, device=query.device)[None, :] > newest, float("-inf"))
         top_prefix = top.view(rows)
         top = torch.maximum(top_prefix, logits.amax(dim=-1, keepdim=True))  # finite: a query sees its own token
+        if attn.sinks is not None:  # row r = (member, query): the sink of query head h * g + member
+            sink = attn.sinks.view(1, self.heads, g, 1).repeat_interleave(q, dim=2).to(top.device)
+            top = torch.maximum(top, sink)
         scale = (top_prefix - top).exp_()  # rescales the prefix's partial (0 for a head with no prefix)
         weights = logits.sub_(top).exp_()
         total = total.view(rows).mul_(scale).add_(weights.sum(dim=-1, keepdim=True))
+        if attn.sinks is not None:
+            total = total + (sink - top).exp()
         out = torch.einsum("bhrn,bhnd->bhrd", weights, as_float(dvalues))
         out = out.add_(acc.view(*rows[:3], d).mul_(scale)).div_(total)
         return out.view(b, hq, q, d).transpose(1, 2)
 
-    def _varlen(self, query, scaling):  # pragma: no cover - needs CUDA and flash-attn
+    def _varlen(self, query, attn):  # pragma: no cover - needs CUDA and flash-attn
+        scaling, softcap = attn.scaling, attn.softcap or 0.0
         b, hq, q, d = query.shape
         h = self.heads
         g = hq // h
@@ -200,14 +218,15 @@ class RaggedKV:
         cu_q = torch.arange(0, b * h + 1, device=query.device, dtype=torch.int32) * q
         out_p, lse_p, _ = flash_attn_varlen_func(
             packed_q, self.prefix_keys[:, None], self.prefix_values[:, None], cu_q, self.cu_lens, q, self.max_len,
-            softmax_scale=scaling, causal=False, return_attn_probs=True,
+            softmax_scale=scaling, causal=False, softcap=softcap, return_attn_probs=True,
         )
         out_p = out_p.view(b, h, q, g, d).permute(0, 1, 3, 2, 4)  # (B, H, G, q, d)
         lse_p = lse_p.view(g, b, h, q).permute(1, 2, 0, 3)  # flash-attn 2 varlen: (heads, total_q)
         # decoded block: causal, aligned to the bottom right; flash-attn takes (B, n, H, d) (last dim contiguous)
         dkeys, dvalues = self._decoded_block()
         out_d, lse_d, _ = flash_attn_func(
-            query.transpose(1, 2), dkeys.transpose(1, 2), dvalues.transpose(1, 2), softmax_scale=scaling, causal=True, return_attn_probs=True,
+            query.transpose(1, 2), dkeys.transpose(1, 2), dvalues.transpose(1, 2), softmax_scale=scaling, causal=True, softcap=softcap,
+            return_attn_probs=True,
         )
         out_d = out_d.view(b, q, h, g, d).permute(0, 2, 3, 1, 4)
         lse_d = lse_d.view(b, h, g, q)

@@ -14,6 +14,8 @@ cache's (`original` keeps counting, `shifted` uses the cache length).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -24,12 +26,24 @@ from kvbench.engine.cache import CompressedCache
 from kvbench.engine.types import Policy
 
 
+@functools.cache
+def _cache_name(forward_fn) -> str:
+    names = inspect.signature(forward_fn).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def cache_argument(model, cache) -> dict:
+    """The cache as the keyword the installed transformers' model takes: `cache` (transformers >= 5.25,
+    where `past_key_values` is deprecated), else `past_key_values`."""
+    return {_cache_name(type(model).forward): cache}
+
+
 def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
     """One forward pass of `input_ids` (batch, q) through `cache`; the last `logits_to_keep` logits."""
     out = model(
         input_ids=input_ids,
         position_ids=cache.next_position_ids(input_ids.shape[1]).to(input_ids.device),
-        past_key_values=cache,
+        **cache_argument(model, cache),
         use_cache=True,
         kvbench_cache=cache,
         logits_to_keep=logits_to_keep,

@@ -42,6 +42,11 @@ class Stats:
     window: torch.Tensor | None = None
     row: torch.Tensor | None = None
 
+    def last(self, n: int) -> Stats:
+        """The statistics of the last `n` keys (a sliding layer's window, cut before the method sees it)."""
+        cut = lambda x: None if x is None else x[..., -n:]  # noqa: E731
+        return Stats(self.n_queries, cut(self.colsum), cut(self.window), cut(self.row))
+
 
 class Victim(NamedTuple):
     """The token a decode step evicts in each (batch, head): its slot and position (batch, heads), and its

