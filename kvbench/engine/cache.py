@@ -403,8 +403,6 @@ class CompressedCache(Cache):
         of the first full-attention layer (of the first layer on a model whose every layer slides)."""
         first = self.layers[self.position_layer]
         start = first.length if self.shifted else first.seen
-        if self.shifted and first.ragged is not None:
-            start = first.seen  # a per-head store keeps no ranks: its tokens keep their positions
         self.position_end = start + q_len
         device = first.device if first.is_initialized else None
         return torch.arange(start, start + q_len, device=device)[None]
@@ -509,9 +507,10 @@ class CompressedCache(Cache):
             kept_bytes += sum(kept) * per_token
             full_bytes += full * per_token
             per_layer.append(kept)
-            allocation = layer.allocation if self.method.compresses else None
-            kind = by_type.setdefault(layer.layer_type, {"layers": 0, "window": layer.window,
-                                                         "budget": allocation[0] if allocation else None,
+            budget = layer.allocation[0] if self.method.compresses and layer.allocation else None
+            if layer.window and self.method.per_head:
+                budget = layer.window - 1  # per-head budgets leave a sliding layer its window
+            kind = by_type.setdefault(layer.layer_type, {"layers": 0, "window": layer.window, "budget": budget,
                                                          "kept_per_head": 0.0})
             kind["layers"] += 1
             kind["kept_per_head"] += sum(kept) / len(kept)

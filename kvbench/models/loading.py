@@ -83,16 +83,19 @@ def build_byte_tokenizer(out_dir: str | Path):
 
 
 def build_tiny(tiny_cfg: dict, seed: int = 0):
-    """A small random Llama (RoPE, RMSNorm, SwiGLU, optional GQA) and the byte tokenizer; deterministic by seed."""
+    """A small random Llama (RoPE, RMSNorm, SwiGLU, optional GQA), or with `family` a tiny random model of
+    that family (kvbench.models.families: gemma3_text, gpt_oss, ...), and the byte tokenizer; deterministic
+    by seed."""
     tokenizer = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **dict(tiny_cfg),
-    )
+    tiny_cfg = dict(tiny_cfg)
+    family = tiny_cfg.pop("family", None)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if family:
+        from kvbench.models.families import tiny_model
+
+        return tiny_model(family, seed, **ids, **tiny_cfg), tokenizer
+    config = LlamaConfig(**ids, tie_word_embeddings=False, **tiny_cfg)
     cpu_rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -193,6 +193,7 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
         tracker = _tracker(p, folder)
         generator = Generator(model, tokenizer, p.method, p.budget,
                               chat_format=resolved["model"].get("chat_format", "none"),
+                              chat_template_kwargs=dict(resolved["model"].get("chat_template_kwargs") or {}),
                               max_prompt_tokens=resolved["model"].get("max_prompt_tokens"))
     except BaseException:
         if tracker is not None:  # W&B started: mark its run failed rather than leave it open

@@ -89,12 +89,13 @@ def truncate_middle(prompt: str, tokenizer, max_tokens: int | None) -> tuple[str
     return head + tail, True
 
 
-def build_prompt(sample: dict, task: str, tokenizer, max_tokens: int | None, chat_format: str) -> tuple[str, bool]:
+def build_prompt(sample: dict, task: str, tokenizer, max_tokens: int | None, chat_format: str,
+                 template_kwargs: dict | None = None) -> tuple[str, bool]:
     """The text that is tokenized for generation, and whether it was truncated."""
     prompt = SPEC["tasks"][task]["prompt"].format(**sample)
     prompt, truncated = truncate_middle(prompt, tokenizer, max_tokens)
     if task not in NO_CHAT:
-        prompt = wrap_chat(prompt, chat_format, tokenizer)
+        prompt = wrap_chat(prompt, chat_format, tokenizer, template_kwargs)
     return prompt, truncated
 
 
@@ -212,7 +213,8 @@ class LongBench:
         task = sample["task"]
         tokenizer = generator.tokenizer
         prompt, truncated = build_prompt(
-            sample, task, tokenizer, generator.max_prompt_tokens, generator.chat_format
+            sample, task, tokenizer, generator.max_prompt_tokens, generator.chat_format,
+            getattr(generator, "chat_template_kwargs", None),
         )
         stops, min_new = ([newline_token_id(tokenizer)], 1) if task == "samsum" else ([], 0)
         generation = generator(

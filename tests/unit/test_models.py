@@ -91,3 +91,56 @@ def test_shipped_asset_model_loads(tmp_path, monkeypatch, tiny_gqa):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     with pytest.raises(KVBenchError, match="scripts/train_tiny.py"):
         load({"name": "tiny", "asset": "nope", "device": "cpu", "dtype": "float32"})
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Qwen3's template takes enable_thinking: model.chat_template_kwargs renders it (thinking off for LongBench)."""
+    from transformers import AutoTokenizer
+
+    from kvbench.models.loading import BYTE_TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+                         "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    assert wrap_chat("Q?", "tokenizer", tok) == "<user>Q?<assistant>"
+    assert wrap_chat("Q?", "tokenizer", tok, {"enable_thinking": False}) == "<user>Q?<assistant><think></think>"
+
+
+TODAYS_MODELS = {  # config -> (hub id, max_prompt_tokens)
+    "llama3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", 31500),
+    "mistral-7b-instruct-v0.3": ("mistralai/Mistral-7B-Instruct-v0.3", 31500),
+    "qwen2.5-7b-instruct": ("Qwen/Qwen2.5-7B-Instruct", 31500),
+    "qwen3-8b": ("Qwen/Qwen3-8B", 31500),
+    "gemma3-12b-it": ("google/gemma-3-12b-it", 31500),
+    "phi3.5-mini-instruct": ("microsoft/Phi-3.5-mini-instruct", 31500),
+    "gpt-oss-20b": ("openai/gpt-oss-20b", 31500),
+}
+
+
+@pytest.mark.parametrize("name", list(TODAYS_MODELS))
+def test_todays_model_configs(name):
+    import yaml
+
+    from kvbench.resources import CONFIG_DIR
+
+    cfg = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
+    assert (cfg["name"], (cfg["path"], cfg["max_prompt_tokens"])) == (name, TODAYS_MODELS[name])
+    assert cfg["chat_format"] == "tokenizer" and cfg["attn_implementation"] == "sdpa"
+    if name == "qwen3-8b":
+        assert cfg["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("name,kinds", [("tiny-gemma3", {"sliding_attention": 5, "full_attention": 1}),
+                                        ("tiny-gpt-oss", {"sliding_attention": 2, "full_attention": 2})])
+def test_tiny_family_models_load_with_their_layer_types(name, kinds):
+    import yaml
+
+    from kvbench.engine.architecture import layer_windows
+    from kvbench.resources import CONFIG_DIR
+
+    cfg = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
+    cfg.update(device="cpu", seed=0)
+    model, tok = load(cfg)
+    windows = layer_windows(model.config)
+    assert {k: sum((w is None) == (k == "full_attention") for w in windows) for k in kinds} == kinds
+    assert model.config.vocab_size == len(tok) and model.config.kvbench_base_attention == "sdpa"
