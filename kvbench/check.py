@@ -19,6 +19,9 @@ prefill + `--steps` greedy decode steps twice:
 
 With flash-attn installed it also runs the full cache on `flash_attention_2`
 and checks each per-head method's varlen path against the sparse fallback.
+Last, tiny random models of the hybrid families (a Mistral-v0.1-style window,
+Gemma 2's softcap, Gemma 3's 5:1 layers, gpt-oss's sinks) run on the device in
+fp32 with a budget above the prompt: the model's own logits and tokens.
 Writes one JSON and one markdown report under `--out`; exits 1 if a check fails.
 """
 
@@ -181,6 +184,31 @@ def check_length(model, configs, length, steps, device, vocab) -> list[dict]:
     return rows
 
 
+HYBRID_FAMILIES = ("mistral_window", "gemma2", "gemma3_text", "gpt_oss")
+
+
+def family_rows(device, steps: int) -> list[dict]:
+    """Sliding-window, softcapped and sink layers on this device: tiny random models of the hybrid families
+    (fp32), the full cache, H2O and SnapKV at a budget above the prompt against the model itself."""
+    from kvbench.models.families import compare_with_model, tiny_model
+
+    rows = []
+    prompt = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    for family in HYBRID_FAMILIES:
+        model = tiny_model(family).to(device)
+        for name in ("full", "h2o", "snapkv"):
+            row = {"length": 40, "method": f"{family} {name} (fp32)"}
+            try:
+                result = compare_with_model(model, {"name": name}, prompt, steps, 40 + steps + 8)
+                row.update(finite=True, same_tokens_above_budget=result["same_tokens"],
+                           max_logit_diff_above_budget=result["max_logit_diff"],
+                           ok=result["same_tokens"] and result["max_logit_diff"] <= 1e-4)
+            except Exception as error:  # noqa: BLE001 - the check goes on; the row says what failed
+                row.update(ok=False, error=f"{type(error).__name__}: {error}"[:300])
+            rows.append(row)
+    return rows
+
+
 def flash_attn_installed() -> bool:
     from kvbench.engine import ragged
 
@@ -242,6 +270,7 @@ def main(argv=None) -> int:
         rows += check_length(model, configs, length, args.steps, device, vocab)
         bad = [r["method"] for r in rows if r["length"] == length and not r.get("ok")]
         print(f"  {length} tokens: {len(rows)} rows so far; failed: {', '.join(bad) or 'none'}", flush=True)
+    rows += family_rows(device, args.steps)
     import transformers
 
     report = {

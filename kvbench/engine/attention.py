@@ -10,8 +10,8 @@ patched globally and no model class is touched. The function:
    are causal among themselves. It delegates to the base implementation (`sdpa`,
    `eager`, `flash_attention_2`) where that can run the layer, and computes the
    attention itself (exact, in query blocks) where it cannot: softcapping or
-   sinks under sdpa/eager, a sliding window over a compressed layer under
-   flash-attn;
+   sinks under sdpa/eager, sinks or a sliding window over a compressed layer's
+   slots under flash-attn 2;
 2. when the call carries a `kvbench_cache` (a `CompressedCache`), computes only
    the statistics the active method asks for, with the same semantics, and hands
    them to the cache, which compacts that layer right away. Column sums and a
@@ -155,7 +155,10 @@ def kvbench_attention(
     positions = layer.positions() if layer is not None and attn.window else None
     base = getattr(module.config, "kvbench_base_attention", None) or "sdpa"
     # a base that cannot run this layer on kvbench's cache: kvbench computes it (exact, in query blocks)
-    own = not attn.plain or (base == "flash_attention_2" and positions is not None)
+    if base == "flash_attention_2":  # flash-attn takes a softcap and a window on keys in position order
+        own = attn.sinks is not None or positions is not None
+    else:
+        own = not attn.plain
     q_len = query.shape[2]
     kwargs.pop("is_causal", None)
     request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
@@ -170,8 +173,8 @@ def kvbench_attention(
             _, out = attention_column_sums(query, key, attn, value=value, positions=positions)
         else:
             mask = _mask_for_base(base, attn, query, key, positions)
-            if base == "flash_attention_2" and attn.window:
-                kwargs["sliding_window"] = attn.window
+            if base == "flash_attention_2":
+                kwargs.update(sliding_window=attn.window, softcap=attn.softcap)
             out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
                                           **kwargs)
         stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kvbench.engine.architecture import check_supported
+
 WINDOW = 12  # sliding window of the tiny hybrid families: shorter than the matrix's prompts
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
@@ -72,6 +74,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     """A random fp32 model of `family` on the CPU, in eval mode, loaded with eager attention (every family
     takes it); its weights drawn with `seed`, the global RNG left as it was."""
     config = tiny_config(family, **overrides)
+    check_supported(config)  # a refused family stops here, before its (full-size default) weights are built
     cpu_rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -127,12 +130,12 @@ def compare_with_model(model, settings: dict, prompt: torch.Tensor, new_tokens: 
         tokens = []
         for _ in range(new_tokens):
             tokens.append(int(logits[-1][-1].argmax()))
-            logits.append(session.step(torch.tensor([[tokens[-1]]]))[0])
+            logits.append(session.step(torch.tensor([[tokens[-1]]], device=prompt.device))[0])
         kv = session.kv_summary()
     finally:
         model.set_attn_implementation(previous)
     ours = torch.cat(logits)[: prompt.shape[1] + new_tokens - 1]
-    full = torch.cat([prompt, torch.tensor([tokens[:-1]])], dim=1)
+    full = torch.cat([prompt, torch.tensor([tokens[:-1]], device=prompt.device)], dim=1)
     theirs = model(full).logits[0]
     return {"max_logit_diff": float((ours - theirs).abs().max()), "same_tokens": tokens == reference,
             "kv_layer_types": kv["kv_layer_types"]}

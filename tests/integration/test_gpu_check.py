@@ -19,6 +19,7 @@ def test_gpu_check_runs_every_method_on_the_cpu_and_says_so(tmp_path):
     assert "CPU run" in (tmp_path / "gpu_check.md").read_text()
     methods = {row["method"] for row in report["rows"]}
     assert set(REGISTRY) <= methods and "sdpa-full (transformers)" in methods
+    assert {f"{family} {name} (fp32)" for family in ("gemma3_text", "gpt_oss") for name in ("full", "h2o")} <= methods
     for row in report["rows"]:
         assert row["finite"] and "error" not in row, row
         if row["method"] in REGISTRY:  # a budget above the prompt gives the full cache's tokens

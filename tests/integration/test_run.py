@@ -184,6 +184,7 @@ def test_cli_demo_experiment(tmp_path):
         (["model=llama2-7b-chat", "logger=none"], "hf download meta-llama/Llama-2-7b-chat-hf"),
         (["task=ppl_synthetic", "method=snapkv"], "perplexity compresses after every token, which snapkv cannot"),
         (["task.context_tokens=4096"], "beyond the model's 2048 positions"),
+        (["model=tiny-random", "+model.tiny.family=deepseek_v3"], "deepseek_v3 uses multi-head latent attention"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, args, message):
