@@ -6,6 +6,7 @@ Guards refactors that must not change behaviour: run it on the old code, then on
                                                              # fixtures, and a sharded run (~4 min on 2 cores)
     python scripts/snapshot_runs.py compare OLD_DIR NEW_DIR  # exit 0 when every prediction and score is equal
         [--ignore-identity]                                  # scores.json's run_id / settings aside (data moved)
+        [--allow-added-fields]                               # fields only NEW's records have: listed, not compared
 
 Runs go through the command line (`python -m kvbench run ...`), as a user makes them. Files are matched by
 their labels (model/task/method/budget) and name, not by run id, so a change of the id's hashing shows as a
@@ -84,8 +85,22 @@ def files(root: Path) -> dict[str, list]:
     return found
 
 
-def compare(old: Path, new: Path, ignore_identity: bool = False) -> int:
+def drop_added(old_rows: list, new_rows: list, added: set) -> list:
+    """The new rows without the fields the old rows lack (collected into `added`)."""
+    out = []
+    for old_row, new_row in zip(old_rows, new_rows, strict=False):
+        extra = set(new_row) - set(old_row) if isinstance(new_row, dict) and isinstance(old_row, dict) else set()
+        added |= extra
+        out.append({k: v for k, v in new_row.items() if k not in extra} if extra else new_row)
+    return out + new_rows[len(out):]
+
+
+def compare(old: Path, new: Path, ignore_identity: bool = False, allow_added: bool = False) -> int:
     a, b = files(old), files(new)
+    if allow_added:
+        added: set = set()
+        b = {k: drop_added(a[k], v, added) if k in a else v for k, v in b.items()}
+        print(f"fields only the new records have (not compared): {', '.join(sorted(added)) or 'none'}")
     if ignore_identity:
         moved = sorted(k for k in set(a) & set(b) if k.endswith("scores.json") and a[k] != b[k]
                        and drop_identity(a[k]) == drop_identity(b[k]))
@@ -117,8 +132,12 @@ def main(argv=None) -> int:
     c.add_argument("new", type=Path)
     c.add_argument("--ignore-identity", action="store_true",
                    help="compare scores.json without run_id and settings (they change when a data path moves)")
+    c.add_argument("--allow-added-fields", action="store_true",
+                   help="a field only the new records have is listed, not a difference (a new meta field)")
     args = parser.parse_args(argv)
-    return run(args.out, args.fixtures) if args.command == "run" else compare(args.old, args.new, args.ignore_identity)
+    if args.command == "run":
+        return run(args.out, args.fixtures)
+    return compare(args.old, args.new, args.ignore_identity, args.allow_added_fields)
 
 
 if __name__ == "__main__":

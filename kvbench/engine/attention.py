@@ -162,7 +162,11 @@ def kvbench_attention(
     q_len = query.shape[2]
     kwargs.pop("is_causal", None)
     request = kvbench_cache.stats_request(module.layer_idx, q_len) if kvbench_cache is not None else StatsRequest()
-    if not request.window and (request.colsum or request.row or own):
+    if q_len == 1 and request.row and not request.colsum and not request.window and attn.plain and not attn.window:
+        # a decode step whose method needs the attention row, on a plain layer: one softmax gives both
+        out, row = attention_with_row(query, key, value, attn.scaling)
+        stats = Stats(n_queries=1, row=row)
+    elif not request.window and (request.colsum or request.row or own):
         # one blocked pass gives the output and the column sums (H2O, VATP, WeightedKV at the prompt; a
         # decode step's row): the prompt costs one attention pass, not the base's plus the statistics'
         colsum, out = attention_column_sums(query, key, attn, value=value, positions=positions)
@@ -297,6 +301,19 @@ def attention_window(query, key, window: int, attn=None, block: int | None = Non
     q_len = query.shape[2]
     w = min(window, q_len)
     return attention_column_sums(query, key, attn, block, first=q_len - w, positions=positions).div_(w)
+
+
+def attention_with_row(query, key, value, scaling=None):
+    """Attention of one query per head on every key (a plain layer), and its softmax row averaged over each
+    KV group: the output (B, 1, Hq, D) as the base implementations return it, the row (B, Hkv, kv_len)."""
+    b, hq, _, d = query.shape
+    scaling = d**-0.5 if scaling is None else scaling
+    query_g = _grouped(query, key.shape[1])  # (B, Hkv, G, 1, D)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key).mul_(scaling)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", weights, value).reshape(b, 1, hq, d)  # q = 1: (B, Hq, 1) = (B, 1, Hq)
+    return out, probs.mean(dim=(2, 3))
 
 
 def compute_stats(request: StatsRequest, query, key, attn=None, positions=None) -> Stats:
