@@ -162,3 +162,25 @@ def test_install_refuses_a_model_kvbench_cannot_serve_before_any_sample():
     model = SimpleNamespace(config=tiny_config("deepseek_v3"))
     with pytest.raises(KVBenchError, match="kv_lora_rank"):
         install(model, "sdpa")
+
+
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+@pytest.mark.parametrize("gapped", [False, True])
+@pytest.mark.parametrize("q", [1, 4])
+def test_base_attention_masks_a_window_by_position(base, gapped, q):
+    """A plain sliding layer runs on the base implementation with kvbench's mask: by slot order when the
+    layer holds the newest tokens, by each head's positions once a method chose them."""
+    from kvbench.engine.attention import _base_function, _mask_for_base
+
+    attn, query, key, value = make("window", q=q, kv=11)
+    b, hkv, kv = 2, 2, 11
+    if gapped:
+        key_pos, end = gapped_positions(b, hkv, kv, q)
+        positions = (key_pos, end)
+    else:
+        key_pos, end, positions = torch.arange(kv).expand(b, hkv, kv), kv, None
+    mask = _mask_for_base(base, attn, query, key, positions)
+    out, _ = _base_function(base)(FakeModule(base, groups=2), query, key, value, mask, scaling=attn.scaling)
+    probs = loop_probs(query, key, attn, list(range(end - q, end)), key_pos.tolist())
+    expected = torch.einsum("bhqk,bhkd->bqhd", probs, value.double().repeat_interleave(2, dim=1))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
