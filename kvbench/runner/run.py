@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import random
 import sys
 import time
@@ -47,6 +46,7 @@ from kvbench.runner.provenance import (
 )
 from kvbench.runner.scoring import summarize
 from kvbench.runner.shards import Shard
+from kvbench.runner.slurm import name_job, where_run
 from kvbench.runner.tracking import Tracker
 
 log = logging.getLogger("kvbench")
@@ -151,7 +151,6 @@ def finish(p: Plan, folder: RunFolder, meta: dict, records: list[dict]) -> tuple
     """Write what the run (or shard) leaves; (scores, meta, records) of the whole run, or None while other
     shards of it are still running."""
     if p.shard.sharded:  # this shard's meta; the last shard to finish merges them all
-        meta["host"] = platform.node()
         return finish_shard(folder, p.shard, p.stored, meta, records)
     scores = summarize(p.task, p.labels, records, p.stored)
     folder.write_scores(scores)
@@ -174,6 +173,7 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
     preflight.check_writable(folder.path)
     check_free(folder.path / p.shard.lock_name)  # another process on this run (shard): fail before loading the model
 
+    name_job("-".join(p.labels.values()) + p.shard.label.replace("/", "-"))
     session_start = time.perf_counter()
     seed = int(resolved.get("seed", 0))
     random.seed(seed)
@@ -212,6 +212,7 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
             "git": git_commit(),
             "versions": package_versions(),
             "device": device_info(device),
+            **where_run(),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "seed": seed,
             "started": started.isoformat(timespec="seconds"),

@@ -4,10 +4,14 @@
     kvbench status /shared/kvbench/results  # a results folder (or one run folder, or runs/<model>)
     kvbench status demo                     # the runs experiment=demo's sweep makes
     kvbench status demo task=passkey paths.results=/shared/kvbench/results
+    kvbench status method=full,streamingllm budget.tokens=32,64   # an ad-hoc sweep: its overrides
+    kvbench status multirun/2026-12-04/10-00-00                   # a sweep folder (Hydra's multirun dir)
 
-For an experiment, its sweep (`hydra.sweeper.params`, with the sweep overrides given here on top)
-is expanded to the run folders it writes, so runs not started yet show as missing. A run being
-written shows its holder (host, pid) from its lock file.
+For an experiment or overrides, the sweep (`hydra.sweeper.params`, with the sweep overrides given here
+on top) is expanded to the run folders it writes, so runs not started yet show as missing; a sweep
+folder is read the same way from its `multirun.yaml` (the command line it ran), with the run folders
+its jobs listed in `runs.txt`. Hydra's own folders (`.hydra`) are never runs. A run being written
+shows its holder (host, pid) from its lock file.
 """
 
 from __future__ import annotations
@@ -93,11 +97,30 @@ def run_folders(root: Path) -> list[Path]:
     root = Path(root)
     if (root / "config.yaml").exists():
         return [root]
-    return sorted(p.parent for p in root.rglob("config.yaml") if "tables" not in p.parts)
+    return sorted(p.parent for p in root.rglob("config.yaml")
+                  if "tables" not in p.parts and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def expected_runs(experiment: str, overrides: list[str]) -> dict[Path, dict]:
-    """{run folder: resolved config} of experiment=<name>'s sweep (its sweeper params, overridden by `overrides`)."""
+def sweep_runs(sweep_dir: Path) -> dict[Path, dict | None]:
+    """The runs of a Hydra sweep folder: what its command line plans (multirun.yaml), and what its jobs wrote
+    (runs.txt)."""
+    runs: dict[Path, dict | None] = {}
+    saved = sweep_dir / "multirun.yaml"
+    if saved.exists():
+        hydra = (yaml.safe_load(saved.read_text()) or {}).get("hydra") or {}
+        overrides = list((hydra.get("overrides") or {}).get("task") or [])
+        experiment = ((hydra.get("runtime") or {}).get("choices") or {}).get("experiment")
+        experiment = None if experiment in (None, "null", "None") else experiment
+        runs.update(expected_runs(experiment, [o for o in overrides if not o.startswith("experiment=")]))
+    listing = sweep_dir / "runs.txt"
+    for line in listing.read_text().split() if listing.exists() else []:
+        runs.setdefault(Path(line), None)
+    return runs
+
+
+def expected_runs(experiment: str | None, overrides: list[str]) -> dict[Path, dict]:
+    """{run folder: resolved config} of experiment=<name>'s sweep (its sweeper params, overridden by `overrides`),
+    or of the sweep `overrides` alone (no experiment)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -105,12 +128,13 @@ def expected_runs(experiment: str, overrides: list[str]) -> dict[Path, dict]:
     from kvbench.runner.run import plan
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        base = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        named = [f"experiment={experiment}"] if experiment else []
+        base = compose("config", overrides=named, return_hydra_config=True)
         params = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
         fixed, combos = jobs(params, overrides)
         runs = {}
         for combo in combos:
-            cfg = compose("config", overrides=[f"experiment={experiment}", *fixed, *combo])
+            cfg = compose("config", overrides=[*named, *fixed, *combo])
             resolved = OmegaConf.to_container(cfg, resolve=True)
             runs.setdefault(plan(resolved).path, resolved)
     return runs
@@ -136,7 +160,13 @@ def main(argv=None) -> int:
         return 0
     target = args.pop(0) if args and "=" not in args[0] else None
     try:
-        if target is not None and not Path(target).exists():
+        if target is None and args:  # an ad-hoc sweep: its overrides
+            runs = expected_runs(None, args)
+        elif target is not None and ((Path(target) / "multirun.yaml").exists() or (Path(target) / "runs.txt").exists()):
+            if args:
+                raise KVBenchError("a sweep folder's runs come from its own command line; drop the overrides")
+            runs = sweep_runs(Path(target))
+        elif target is not None and not Path(target).exists():
             from kvbench.resources import CONFIG_DIR
 
             choices = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -47,21 +47,26 @@ def test_slurm_sweep_config_resolves_with_the_readme_command(tmp_path):
 
 @pytest.mark.slow
 def test_local_launcher_sweep_writes_what_the_basic_launcher_writes(tmp_path):
+    """The standard sweep: the full cache at two budgets plans one run folder twice. kvbench's sweeper launches
+    it once (in parallel the second job would stop on the first's lock and fail the sweep)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = ["-m", "logger=none", "task.context_tokens=300", "task.num_samples=2", "method=full,streamingllm",
-             "budget.tokens=32"]
+             "budget.tokens=32,64"]
     tables = {}
     for launcher in ("basic", "local"):
         (tmp_path / launcher).mkdir()
         out = kvbench_run(tmp_path / launcher, *sweep, f"hydra/launcher={launcher}",
                           f"paths.results={tmp_path / launcher / 'results'}")
         assert out.returncode == 0, out.stderr[-3000:]
+        assert "method=full budget.tokens=64" in out.stderr and "launched once" in out.stderr
         runs = tmp_path / launcher / "results" / "runs"
         tables[launcher] = sorted(str(p.parent.relative_to(runs)).rsplit("-", 1)[0] for p in runs.rglob("scores.json"))
         (table,) = (tmp_path / launcher / "results" / "tables").glob("sweep-*_retrieval.md")  # named after its sweep
         tables[launcher].append(table.read_text())
     assert tables["local"] == tables["basic"]
-    assert tables["local"][:2] == ["tiny/passkey/full/full", "tiny/passkey/streamingllm/tokens32"]
+    assert tables["local"][:3] == ["tiny/passkey/full/full", "tiny/passkey/streamingllm/tokens32",
+                                   "tiny/passkey/streamingllm/tokens64"]
+    assert "| streamingllm | tokens64 |" in tables["local"][3].replace("  ", " ").replace("  ", " ")
     assert list((tmp_path / "local").glob("multirun/*/*/.submitit"))  # it did go through submitit
 
 
@@ -72,3 +77,28 @@ def test_table_over_several_results_folders(tmp_path, capsys):
     table = (tmp_path / "a" / "tables" / "both_retrieval.md").read_text()
     assert re.search(r"\| tiny +\| full +\| full +\| +100\.00", table)
     assert re.search(r"\| tiny +\| h2o +\| tokens64 +\| +40\.00", table)
+
+
+def test_sweeper_keeps_the_first_job_of_each_run_folder(capsys):
+    from hydra_plugins.kvbench_sweeper.kvbench_sweeper import unique_jobs
+
+    folders = {"a": ("f1", "p"), "b": ("f2", "p"), "c": ("f1", "p"), "d": None, "e": None, "f": ("f1", "q")}
+    kept = unique_jobs([[k] for k in folders], lambda job: folders[job[0]])
+    assert kept == [["a"], ["b"], ["d"], ["e"], ["f"]]  # an unplannable job (None) is launched; shards differ
+    assert "c writes the same run folder as a (f1); launched once" in capsys.readouterr().err
+
+
+def test_a_slurm_job_renames_itself_after_its_run(tmp_path, monkeypatch):
+    """scontrol (a stand-in on PATH that records its arguments) is asked to name the array task after the run."""
+    from kvbench.runner.slurm import name_job
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    for var, value in {"SLURM_JOB_ID": "101", "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "1"}.items():
+        monkeypatch.setenv(var, value)
+    name_job("tiny-passkey-full-full")
+    assert log.read_text().split() == ["update", "JobId=100_1", "JobName=tiny-passkey-full-full"]

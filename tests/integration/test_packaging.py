@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("kvbench", "configs", "pyproject.toml", "README.md")
+SOURCES = ("kvbench", "hydra_plugins", "configs", "pyproject.toml", "README.md")
 
 
 def build_wheel(tmp_path: Path) -> Path:
@@ -49,6 +49,7 @@ def test_wheel_runs_from_another_directory(tmp_path):
     assert "kvbench/configs/config.yaml" in names and "kvbench/configs/experiment/demo.yaml" in names
     assert "kvbench/assets/tiny-llama/config.json" in names and "kvbench/tasks/data/longbench.json" in names
     assert not [n for n in names if n.startswith(("papers/", "tests/", "scripts/"))]
+    assert "hydra_plugins/kvbench_sweeper/kvbench_sweeper.py" in names and "hydra_plugins/__init__.py" not in names
     shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     on_disk = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "kvbench").rglob("__init__.py")}
     assert on_disk <= shipped, f"subpackages missing from the wheel: {on_disk - shipped}"
@@ -76,6 +77,10 @@ def test_wheel_runs_from_another_directory(tmp_path):
         "logger=none", "paths.results=results")
     (scores,) = (elsewhere / "results" / "runs").glob("tiny/passkey/streamingllm/tokens32-*/scores.json")
     assert "streamingllm" in run("kvbench-table", "--results", "results")
+    sweep = subprocess.run([str(env_dir / "bin" / "kvbench"), "run", "-m", "method=full", "budget.tokens=32,64",
+                            "task.num_samples=1", "task.context_tokens=300", "logger=none", "paths.results=results"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0 and "launched once" in sweep.stderr, sweep.stderr[-2000:]  # the wheel's sweeper
     out = subprocess.run([str(env_dir / "bin" / "kvbench"), "reproduce", "streamingllm_sinks", "--no-run"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "source checkout" in out.stderr and "Traceback" not in out.stderr

@@ -75,7 +75,15 @@ def test_killed_run_resumes_without_duplicates_and_same_scores(tmp_path, monkeyp
     assert timing["new_tokens_per_s"] == pytest.approx(timing["new_tokens"] / timing["decode_seconds"], rel=1e-2)
 
 
-def test_run_folder_files_and_meta(tmp_path):
+def test_run_folder_files_and_meta(tmp_path, monkeypatch):
+    import socket
+
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+             "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NAME": "tiny-passkey-streamingllm-tokens32"}
+    for var, value in slurm.items():  # as Slurm sets them in the second segment of a requeued array task
+        monkeypatch.setenv(var, value)
     folder = execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=3"))
     assert folder == run_folder(tmp_path, "tiny", "passkey", "streamingllm", "tokens32")
     assert {p.name for p in folder.iterdir()} == {"predictions.jsonl", "scores.json", "config.yaml", "meta.json"}
@@ -92,6 +100,10 @@ def test_run_folder_files_and_meta(tmp_path):
     assert meta["command"].startswith("kvbench run")
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["n"] == 3 and set(scores["scores"]) == {"passkey"}
+    assert meta["host"] == socket.gethostname()
+    assert {k: meta["slurm"][k] for k in ("job_id", "array_job_id", "array_task_id", "restart_count", "job_name")} == {
+        "job_id": "4242", "array_job_id": "4240", "array_task_id": "2", "restart_count": 1,
+        "job_name": "tiny-passkey-streamingllm-tokens32"}
 
 
 def test_other_settings_get_their_own_folder_and_a_tag_stays_readable(tmp_path):

@@ -53,3 +53,33 @@ def test_status_of_a_sweep_and_of_a_results_folder(tmp_path, capsys):
     lock.path.unlink()
     assert main(["no-such-experiment"]) == 2
     assert "neither a folder nor an experiment" in capsys.readouterr().err
+
+
+def test_status_of_an_ad_hoc_sweep_and_of_its_sweep_folder(tmp_path, capsys):
+    """No experiment name: the overrides alone, or the sweep folder Hydra left (multirun.yaml, runs.txt); its
+    .hydra folders (each holding a config.yaml) are never runs."""
+    import yaml
+
+    results = f"paths.results={tmp_path}"
+    done = execute(config(tmp_path, "method=streamingllm", "budget.tokens=32", "task.num_samples=2"))
+    sweep = ["method=full,streamingllm", "budget.tokens=32,64", "task.num_samples=2", "task.context_tokens=300",
+             "task.depth_max=1.0", "logger=none"]
+    assert main([*sweep, results]) == 0
+    rows, total = lines_of(capsys)
+    assert sorted(rows) == ["tiny/passkey/full/full", "tiny/passkey/streamingllm/tokens32",
+                            "tiny/passkey/streamingllm/tokens64"]
+    assert rows["tiny/passkey/streamingllm/tokens32"].split()[0] == "finished"
+    assert total == "1 finished, 0 partial, 2 missing (of 3 runs)"
+
+    folder = tmp_path / "multirun" / "2026-12-04" / "10-00-00"
+    (folder / "0" / ".hydra").mkdir(parents=True)
+    (folder / "0" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (folder / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": [*sweep, results]},
+                                                                    "runtime": {"choices": {"experiment": None}}}}))
+    (folder / "runs.txt").write_text(f"{done}\n")
+    assert main([str(folder)]) == 0
+    rows, total = lines_of(capsys)
+    assert len(rows) == 3 and total == "1 finished, 0 partial, 2 missing (of 3 runs)"
+    assert main([str(tmp_path)]) == 0  # the results folder: its one run, not the sweep's .hydra folder
+    rows, total = lines_of(capsys)
+    assert list(rows) == ["tiny/passkey/streamingllm/tokens32"]
