@@ -19,6 +19,13 @@ from omegaconf import OmegaConf, open_dict
 
 class KVBenchSweeper(BasicSweeper):
     def split_arguments(self, overrides, max_batch_size):  # Hydra calls it on the instance
+        from kvbench.errors import KVBenchError, error_exit
+        from kvbench.runner.slurm import check_request
+
+        try:  # a request the cluster cannot meet: one line now, not a traceback or an array pending forever
+            check_request(OmegaConf.to_container(self.config.hydra.launcher, resolve=True))
+        except KVBenchError as err:
+            sys.exit(error_exit(err))
         batches = BasicSweeper.split_arguments(overrides, max_batch_size)
         jobs = [job for batch in batches for job in batch]
         kept = unique_jobs(jobs, self.planned_folder)

@@ -102,3 +102,30 @@ def test_a_slurm_job_renames_itself_after_its_run(tmp_path, monkeypatch):
         monkeypatch.setenv(var, value)
     name_job("tiny-passkey-full-full")
     assert log.read_text().split() == ["update", "JobId=100_1", "JobName=tiny-passkey-full-full"]
+
+
+def test_a_slurm_request_no_node_can_meet_is_one_line(tmp_path, monkeypatch):
+    """sinfo and sbatch stand-ins: a CPU partition (2 CPUs, 8 GB, no GPU) and a GPU one."""
+    from kvbench.errors import KVBenchError
+    from kvbench.runner.slurm import check_request
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'debug*|2|8000|(null)\\ngpu|32|512000|gpu:a100:4(S:0-1)\\n'\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+             "gpus_per_node": 1, "cpus_per_task": 8, "tasks_per_node": 1, "mem_gb": 64, "partition": None}
+    cases = [({}, "partition debug has 0 GPUs per node, the sweep asks for 1: use hydra/launcher=slurm_cpu"),
+             ({"gpus_per_node": 0, "cpus_per_task": 4}, "set hydra.launcher.cpus_per_task<=2"),
+             ({"gpus_per_node": 0, "cpus_per_task": 1}, "set hydra.launcher.mem_gb<=7"),
+             ({"partition": "big"}, "Slurm partition big not found; sinfo lists: debug, gpu"),
+             ({"partition": "gpu", "gpus_per_node": 8}, "set hydra.launcher.gpus_per_node<=4")]
+    for change, message in cases:
+        with pytest.raises(KVBenchError, match=re.escape(message)):
+            check_request({**slurm, **change})
+    check_request({**slurm, "partition": "gpu"})  # fits
+    check_request({**slurm, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4})  # slurm_cpu's request fits
+    check_request({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"})

@@ -104,3 +104,13 @@ def test_a_requeued_job_resumes_with_nothing_lost_or_doubled(tmp_path):
     assert len(ids) == 200 and len(set(ids)) == 200
     (meta,) = metas(results).values()
     assert meta["slurm"]["restart_count"] >= 1 and meta["samples_this_session"] < 200
+
+
+def test_the_gpu_preset_on_a_node_without_gpus_is_one_line_and_submits_nothing(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    out = kvbench_run(tmp_path, "-m", "hydra/launcher=slurm", "method=full", *SMALL, f"paths.results={tmp_path}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("kvbench: error:")]
+    assert len(errors) == 1 and "use hydra/launcher=slurm_cpu" in errors[0]
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
