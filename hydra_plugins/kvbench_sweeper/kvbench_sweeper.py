@@ -22,8 +22,12 @@ class KVBenchSweeper(BasicSweeper):
         from kvbench.errors import KVBenchError, error_exit
         from kvbench.runner.slurm import check_request
 
+        try:
+            launcher = OmegaConf.to_container(self.config.hydra.launcher, resolve=True)
+        except Exception:  # noqa: BLE001 - a launcher config that does not resolve fails in Hydra, as before
+            launcher = {}
         try:  # a request the cluster cannot meet: one line now, not a traceback or an array pending forever
-            check_request(OmegaConf.to_container(self.config.hydra.launcher, resolve=True))
+            check_request(launcher)
         except KVBenchError as err:
             sys.exit(error_exit(err))
         batches = BasicSweeper.split_arguments(overrides, max_batch_size)
