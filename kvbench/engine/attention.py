@@ -152,7 +152,7 @@ def kvbench_attention(
     layer = kvbench_cache.layers[module.layer_idx] if kvbench_cache is not None else None
     if layer is not None and layer.ragged is not None:  # per-head budgets after the prompt
         return layer.ragged.attention(query, attn), None
-    positions = layer.positions() if layer is not None and attn.window else None
+    positions = layer.positions(query.shape[2]) if layer is not None and attn.window else None
     base = getattr(module.config, "kvbench_base_attention", None) or "sdpa"
     # a base that cannot run this layer on kvbench's cache: kvbench computes it (exact, in query blocks)
     if base == "flash_attention_2":  # flash-attn takes a softcap and a window on keys in position order
@@ -223,8 +223,7 @@ def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def _probs(query_g, key, attn: LayerAttention, q_pos, key_pos) -> torch.Tensor:
     """Softmax attention (float32) of a block of grouped queries at positions `q_pos` (q,) on `key` at
-    positions `key_pos` ((k,), or (B, Hkv, k) per head; None: nothing to mask), with the layer's softcap,
-    window and sinks.
+    positions `key_pos` ((k,), or (B, Hkv, k) per head), with the layer's softcap, window and sinks.
 
     Works in place on one float32 buffer of the block's logits; the sink's share is left out."""
     logits = torch.einsum("bhgqd,bhkd->bhgqk", query_g, key)
@@ -232,9 +231,8 @@ def _probs(query_g, key, attn: LayerAttention, q_pos, key_pos) -> torch.Tensor:
     logits.mul_(attn.scaling)
     if attn.softcap is not None:
         logits.div_(attn.softcap).tanh_().mul_(attn.softcap)
-    if key_pos is not None:  # None: one query, no window: it sees every key up to itself (keys cut there)
-        masked = hidden(q_pos, key_pos, attn.window)
-        logits.masked_fill_(masked if masked.dim() == 2 else masked[:, :, None], float("-inf"))
+    masked = hidden(q_pos, key_pos, attn.window)
+    logits.masked_fill_(masked if masked.dim() == 2 else masked[:, :, None], float("-inf"))
     top = logits.amax(dim=-1, keepdim=True)
     if attn.sinks is not None:
         sink = attn.sinks.view(1, key.shape[1], -1, 1, 1).to(logits.device)
@@ -260,8 +258,8 @@ def attention_column_sums(query, key, attn=None, block: int | None = None, first
 
     `attn` is the layer's `LayerAttention` (or a scaling factor). The queries are the newest q_len tokens;
     the keys are in position order unless `positions` = (key positions (B, Hkv, kv), the position after the
-    newest query) places them (cached keys older than every query, the new ones last). Computed in query blocks so memory is O(block * kv_len), never
-    O(q_len * kv_len). With `value`, the same pass also gives the attention output, (B, q_len, Hq, D) as the
+    newest query) places them (cached keys older than every query, the new ones last). Computed in query
+    blocks so memory is O(block * kv_len), never O(q_len * kv_len). With `value`, the same pass also gives the attention output, (B, q_len, Hq, D) as the
     base implementations return it: returns (sums, output), one attention pass instead of two.
     """
     b, hq, q_len, d = query.shape
@@ -269,25 +267,19 @@ def attention_column_sums(query, key, attn=None, block: int | None = None, first
     attn = LayerAttention.of(attn, d)
     block = block or block_size(query, key)
     query_g = _grouped(query, kv_heads)
+    out = torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
     offset = kv_len - q_len
-    single = q_len - first == 1  # one query (a decode step's row): no mask without a window, no accumulation
-    out = None if single else torch.zeros(b, kv_heads, kv_len, dtype=torch.float32, device=key.device)
     if positions is not None:
         key_pos, q_base = positions[0], positions[1] - q_len
     else:
-        key_pos = None if single and not attn.window else torch.arange(kv_len, device=key.device)
-        q_base = offset
+        key_pos, q_base = torch.arange(kv_len, device=key.device), offset
     output = None if value is None else query.new_empty(query_g.shape[:3] + (q_len, value.shape[-1]))
     for start in range(first, q_len, block):
         stop = min(start + block, q_len)
         visible = offset + stop  # causal: this block sees no key past its last query
         q_pos = torch.arange(q_base + start, q_base + stop, device=key.device)
-        probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], attn, q_pos,
-                       None if key_pos is None else key_pos[..., :visible])
-        if single:
-            out = probs.sum(dim=3).mean(dim=2)
-        else:
-            out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
+        probs = _probs(query_g[:, :, :, start:stop], key[:, :, :visible], attn, q_pos, key_pos[..., :visible])
+        out[:, :, :visible] += probs.sum(dim=3).mean(dim=2)
         if output is not None:
             weights = probs if value.dtype == torch.float32 else probs.to(value.dtype)
             output[:, :, :, start:stop] = torch.einsum("bhgqk,bhkd->bhgqd", weights, value[:, :, :visible])

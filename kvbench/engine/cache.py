@@ -66,7 +66,6 @@ class CompressedLayer(CacheLayerMixin):
         self.gaps = False  # a sliding layer holds tokens a method chose (not the newest in a row): mask by positions
         self.length = 0  # valid slots
         self.seen = 0  # tokens ever written (the next original position)
-        self._seen_before = 0  # `seen` before the last update
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
@@ -184,7 +183,6 @@ class CompressedLayer(CacheLayerMixin):
             self.part("rot", start, q).copy_(ranks)
             self.part("rank", start, q).copy_(ranks)
         self.length += q
-        self._seen_before = self.seen
         self.seen += q
         return self.current_keys(), self.part("values", 0, self.length)
 
@@ -207,11 +205,11 @@ class CompressedLayer(CacheLayerMixin):
         allocation = self.allocation
         return allocation[2] if allocation else 0
 
-    def positions(self):
+    def positions(self, q: int):
         """(positions of the stored keys (batch, heads, length), the position after the newest token), for
-        a sliding layer's mask when its slots are not the newest tokens in position order; None when they are
-        (a prompt into an empty layer; one new token on a layer holding the newest tokens, whatever order)."""
-        q = self.seen - self._seen_before
+        a sliding layer's mask after `q` new tokens, when its slots are not the newest tokens in position
+        order; None when they are (a prompt into an empty layer; one new token on a layer holding the newest
+        tokens, whatever their slot order)."""
         if self.length == q or (q == 1 and not self.gaps):
             return None
         return self.view("pos"), self.seen
@@ -230,7 +228,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self):
         self.kv = self.keys = self.values = self.scores = None
         self.state, self.buffers, self._parts = {}, [], {}
-        self.length = self.seen = self._seen_before = 0
+        self.length = self.seen = 0
         self.moved = False
         self.gaps = False
         self.ring_end, self.rotation = 0, 0

@@ -105,7 +105,7 @@ def method_variants(head_scores: str | None = None) -> dict[str, dict]:
                 build(settings)
             except KVBenchError:
                 continue
-            if suffix and settings == {**base, **extra} and build(settings) == build(base):
+            if suffix and build(settings) == build(base):
                 continue  # the default already is this variant
             variants[name + suffix] = settings
     return variants
