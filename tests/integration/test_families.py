@@ -92,6 +92,10 @@ def test_statistics_are_the_familys_attention(family, method, prompt):
         session = Session(model, build(method), Budget(tokens=6), reserve=NEW)
         session.generate(prompt, max_new_tokens=NEW)
         kept = session.kv_summary()["kv_layer_types"]
+        if build(method).stage == "decode":  # a token that left the window is evicted before any other
+            for layer in session.cache.layers:
+                if layer.window:
+                    assert bool((layer.view("pos") > layer.seen - layer.window).all()), layer.layer_idx
     finally:
         AttentionInterface.register("kvbench", kvbench_attention)
     assert any(c[1] or c[2] or c[3] for c in checked)
@@ -130,7 +134,53 @@ def test_meta_json_states_budget_and_kept_tokens_per_layer_type(model, method, t
     for budget, sliding in ((32, 32), (128, 63)):
         result = kvbench.evaluate(model, method=method, budget=budget, task="passkey", results=tmp_path,
                                   task__limit=1)
-        kinds = json.loads((result.path / "meta.json").read_text())["kv"]["kv_layer_types"]
+        kv = json.loads((result.path / "meta.json").read_text())["kv"]
+        kinds = kv["kv_layer_types"]
+        (record,) = [json.loads(line) for line in (result.path / "predictions.jsonl").read_text().splitlines()]
+        # a full cache as the model keeps it: a sliding layer holds its last 63 tokens (2 KV heads per layer)
+        full = 2 * (kinds["sliding_attention"]["layers"] * 63 + kinds["full_attention"]["layers"] * record["n_prompt"])
+        assert kv["kv_full_tokens"] == full and record["n_prompt"] > 63
         assert kinds["sliding_attention"] == {"layers": kinds["sliding_attention"]["layers"], "window": 64,
                                               "budget": sliding, "kept_per_head": float(sliding)}
         assert kinds["full_attention"]["budget"] == budget and kinds["full_attention"]["kept_per_head"] == budget
+
+
+@pytest.mark.parametrize("family,layer_type", [("gemma3_text", "sliding_attention"), ("gemma3_text", "full_attention"),
+                                               ("gpt_oss", "sliding_attention"), ("llama", "full_attention")])
+def test_shifted_positions_rotate_a_key_with_its_layer_types_rope(family, layer_type):
+    """`positions=shifted` moves a stored key from position p to p + d: the result must be the key the model
+    itself rotates at p + d, with Gemma 3's RoPE of that layer type (local base 10k, global 1M) and
+    gpt-oss's half-width cos/sin tables."""
+    import importlib
+
+    from kvbench.engine import CompressedCache
+
+    model = tiny_model(family)
+    rotary = model.model.rotary_emb
+    module = importlib.import_module(type(model).__module__)
+    per_type = hasattr(rotary, f"{layer_type}_inv_freq")
+    raw = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([[3, 7, 11, 20, 40]])
+    moved = torch.tensor([[-2, 5, -11, 0, 17]])
+
+    def rope(positions):
+        cos, sin = rotary(raw, positions, layer_type) if per_type else rotary(raw, positions)
+        return module.apply_rotary_pos_emb(raw, raw, cos, sin)[1]
+
+    cache = CompressedCache(model, build({"name": "streamingllm", "positions": "shifted"}), Budget(tokens=8))
+    got = cache.rotate(rope(at), moved.expand(2, -1)[None], layer_type)
+    torch.testing.assert_close(got, rope(at + moved), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss"])
+def test_streamingllm_on_a_sliding_layer_keeps_the_newest_tokens_no_sinks(family, prompt):
+    """The sinks left a sliding layer's window: there StreamingLLM keeps the newest `budget` tokens; a full
+    layer keeps its 4 sinks and the recent window."""
+    model = tiny_model(family)
+    install(model, "sdpa")
+    session = Session(model, build({"name": "streamingllm", "stage": "decode"}), Budget(tokens=8), reserve=NEW)
+    session.generate(prompt, max_new_tokens=NEW)
+    for layer in session.cache.layers:
+        kept = sorted(layer.view("pos")[0, 0].tolist())
+        seen = layer.seen
+        assert kept == (list(range(seen - 8, seen)) if layer.window else [0, 1, 2, 3, *range(seen - 4, seen)])

@@ -144,3 +144,34 @@ def test_tiny_family_models_load_with_their_layer_types(name, kinds):
     windows = layer_windows(model.config)
     assert {k: sum((w is None) == (k == "full_attention") for w in windows) for k in kinds} == kinds
     assert model.config.vocab_size == len(tok) and model.config.kvbench_base_attention == "sdpa"
+
+
+def test_a_saved_gemma2_folder_loads_though_gemma2_refuses_sdpa(tmp_path):
+    """Gemma 2 (and gpt-oss) raise at from_pretrained(attn_implementation="sdpa"): kvbench loads every model
+    with eager, then runs its own attention on the base the config asks for."""
+    from transformers import AutoTokenizer
+
+    from kvbench.models.families import tiny_model
+    from kvbench.models.loading import BYTE_TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
+    tiny_model("gemma2", vocab_size=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load({"name": "g2", "path": str(tmp_path), "device": "cpu", "dtype": "float32",
+                     "attn_implementation": "sdpa"})
+    assert model.config.kvbench_base_attention == "sdpa" and model.config._attn_implementation == "kvbench"
+
+
+def test_longbench_prompts_take_the_chat_template_kwargs():
+    from transformers import AutoTokenizer
+
+    from kvbench.models.loading import BYTE_TOKENIZER_DIR
+    from kvbench.tasks.longbench import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(BYTE_TOKENIZER_DIR))
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    sample = {"context": "C", "input": "Q"}
+    prompt, _ = build_prompt(sample, "qasper", tok, None, "tokenizer", {"enable_thinking": False})
+    assert prompt.endswith("<think></think>")
+    assert not build_prompt(sample, "qasper", tok, None, "tokenizer")[0].endswith("</think>")
