@@ -38,6 +38,17 @@ def softmax(logits):
     return [e / total for e in exps]
 
 
+def token_lists(reference, q, k, v, **fields) -> dict:
+    """For a brute-force reference: set its shape (B, Hq, Hkv, G, seen) from q and k, and return the prompt
+    as one list of token dicts {pos, k, v, **fields} per (batch, kv head)."""
+    reference.B, reference.Hq, n, _ = q.shape
+    reference.Hkv = k.shape[1]
+    reference.G = reference.Hq // reference.Hkv
+    reference.seen = n
+    return {(b, h): [{"pos": j, "k": k[b, h, j].tolist(), "v": v[b, h, j].tolist(), **fields} for j in range(n)]
+            for b in range(reference.B) for h in range(reference.Hkv)}
+
+
 def scores_file(tmp_path, importance, name="scores.json"):
     """A score file in the published format from an importance table (layers, query heads)."""
     path = tmp_path / name

@@ -16,7 +16,7 @@ from kvbench.engine.attention import kvbench_attention
 from kvbench.errors import KVBenchError
 from kvbench.methods import REGISTRY, build
 from tests.conftest import method_config
-from tests.helpers import SCALING, D, FakeModule, dot, softmax
+from tests.helpers import SCALING, D, FakeModule, dot, softmax, token_lists
 
 
 def norm(vec, kind):
@@ -35,16 +35,7 @@ class Reference:
     def __init__(self, kind, q, k, v, budget, sinks, recent, **opts):
         self.kind, self.opts = kind, opts
         self.budget, self.sinks, self.recent = budget, sinks, recent
-        self.B, self.Hq, n, _ = q.shape
-        self.Hkv = k.shape[1]
-        self.G = self.Hq // self.Hkv
-        self.seen = n
-        self.heads = {}
-        for b in range(self.B):
-            for h in range(self.Hkv):
-                self.heads[b, h] = [
-                    {"pos": j, "k": k[b, h, j].tolist(), "v": v[b, h, j].tolist(), "s": 0.0} for j in range(n)
-                ]
+        self.heads = token_lists(self, q, k, v, s=0.0)
         self.prefill(q)
 
     def probs(self, qvec, toks, upto=None):

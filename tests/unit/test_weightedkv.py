@@ -10,7 +10,7 @@ from kvbench.engine import Budget, CompressedCache
 from kvbench.engine.attention import kvbench_attention
 from kvbench.methods import build
 from kvbench.methods.weightedkv import merged_value
-from tests.helpers import SCALING, FakeModule, dot, softmax
+from tests.helpers import SCALING, FakeModule, dot, softmax, token_lists
 from tests.unit.test_methods import random_inputs
 
 
@@ -28,15 +28,11 @@ class Algorithm1:
     def __init__(self, q, k, v, budget, sinks):
         self.C, self.S = budget, min(sinks, budget)
         self.R = max(0, budget // 2 - self.S)
-        self.B, self.Hq, n, _ = q.shape
-        self.Hkv = k.shape[1]
-        self.G = self.Hq // self.Hkv
-        self.seen = n
-        self.heads = {}
+        self.heads = token_lists(self, q, k, v, a=0.0, n=0)
+        n = self.seen
         for b in range(self.B):
             for h in range(self.Hkv):
-                toks = [{"pos": j, "k": k[b, h, j].tolist(), "v": v[b, h, j].tolist(), "a": 0.0, "n": 0}
-                        for j in range(n)]
+                toks = self.heads[b, h]
                 for g in range(h * self.G, (h + 1) * self.G):
                     for i in range(n):  # prompt: a_j = sum of attention, n_j = queries that see j
                         probs = softmax([dot(q[b, g, i].tolist(), t["k"]) * SCALING for t in toks[: i + 1]])
@@ -44,7 +40,6 @@ class Algorithm1:
                             t["a"] += p / self.G
                 for t in toks:
                     t["n"] = n - t["pos"]
-                self.heads[b, h] = toks
                 self.shrink(toks)
 
     def abar(self, t):
