@@ -80,9 +80,11 @@ plots: $(STAMP)
 	$(PY) -m papers.plots
 
 # what to run first on a CUDA machine: every method on a random 7B-shaped model at 4k/16k/32k tokens
-# (results/gpu_check/gpu_check.{json,md}); without CUDA, the same code on a narrow model (a CPU run)
+# (results/gpu_check/gpu_check.{json,md}), then batched-decoding throughput at batch 1/4/8/16 in bf16 with
+# its agreement with batch 1 (results/gpu_check/batch_cuda.jsonl); without CUDA, the same code on a narrow model
 gpu-check: $(STAMP)
 	$(PY) -m kvbench check $(ARGS)
+	$(PY) scripts/bench_batch.py --model random --out results/gpu_check
 
 # the reference in docs/ as a site (site/index.html); `mkdocs serve` to browse it while editing
 docs: $(STAMP)

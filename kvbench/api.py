@@ -118,7 +118,7 @@ def evaluate(model="tiny", method: str = "full", budget=None, task: str = "passk
             cfg.model = _loaded_model_config(model, settings)
             install(model, base=cfg.model.attn_implementation)
         for key, value in settings.items():
-            if OmegaConf.select(cfg, key, default=KeyError) is KeyError and key.split(".")[0] not in ("run", "paths"):
+            if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
                 raise KVBenchError(f"{key} is not a setting of this run; see configs/ (or `kvbench list`)")
             OmegaConf.update(cfg, key, value, force_add=True)
         result = run_config(cfg, model if loaded else None, tokenizer if loaded else None,

@@ -142,6 +142,8 @@ def _mask_for_base(base: str, attn: LayerAttention, query, key, positions):
 def kvbench_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvbench_cache=None, **kwargs
 ):
+    if kvbench_cache is not None and hasattr(kvbench_cache, "sequences"):  # several sequences (engine.batch)
+        return _per_sequence(module, query, kvbench_cache, scaling, dropout, kwargs), None
     sinks = kwargs.pop("s_aux", None)
     attn = LayerAttention(
         query.shape[-1] ** -0.5 if scaling is None else scaling,
@@ -185,6 +187,15 @@ def kvbench_attention(
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
+
+
+def _per_sequence(module, query, batched, scaling, dropout, kwargs) -> torch.Tensor:
+    """A BatchedCache's layer: each sequence's attention on its own cache, exactly as at batch 1."""
+    layer = batched.layers[module.layer_idx]
+    outs = [kvbench_attention(module, query[b : b + 1], key, value, None, scaling, dropout, kvbench_cache=cache,
+                              **dict(kwargs))[0]
+            for b, (cache, (key, value)) in enumerate(zip(batched.sequences, layer.pending, strict=True))]
+    return torch.cat(outs)
 
 
 @contextmanager

@@ -51,6 +51,15 @@ def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_ke
     return out.logits
 
 
+def choose(logits: torch.Tensor, step: int, stops: torch.Tensor, min_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy choice from the last logits (batch, vocab) at decode `step`: (tokens, is_stop), both (batch,).
+    Stop tokens are masked before `min_new_tokens` (in place)."""
+    if step < min_new_tokens and len(stops):
+        logits[:, stops] = float("-inf")
+    token = logits.argmax(dim=-1)
+    return token, torch.isin(token, stops) if len(stops) else torch.zeros_like(token, dtype=torch.bool)
+
+
 @dataclass
 class Greedy:
     """What `Session.generate` returns: new tokens per sequence (stop token excluded), and when the
@@ -105,10 +114,7 @@ class Session:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            if step < min_new_tokens and len(stops):
-                logits[:, stops] = float("-inf")
-            next_token = logits.argmax(dim=-1)
-            is_stop = torch.isin(next_token, stops) if len(stops) else torch.zeros_like(done)
+            next_token, is_stop = choose(logits, step, stops, min_new_tokens)
             for i, token in enumerate(next_token.tolist()):
                 if not done[i] and not is_stop[i]:
                     tokens[i].append(token)

@@ -9,11 +9,13 @@ With `method=full` the tokens equal `model.generate(do_sample=False)` (a test).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.engine import Budget, Policy, Session
+from kvbench.engine.batch import Request, decode_together
 from kvbench.models.chat import wrap_chat
 
 
@@ -37,6 +39,18 @@ class Generation:
             "prefill_seconds": round(self.prefill_seconds, 4),
             **self.kv,
         }
+
+
+@dataclass
+class Prompt:
+    """What a task asks to generate for one sample: the prompt ids (1, n), at most `max_new_tokens`, its
+    stop tokens (EOS included) and `min_new_tokens`; `info` is what the task keeps for the sample's record."""
+
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    min_new_tokens: int = 0
+    info: dict = field(default_factory=dict)
 
 
 def decode_kv(prompt: dict, end: dict) -> dict:
@@ -99,14 +113,81 @@ class Generator:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def __call__(self, input_ids, max_new_tokens: int, stop_token_ids=None, min_new_tokens: int = 0) -> Generation:
+    def stops(self, stop_token_ids=None) -> list[int]:
+        """The task's stop tokens and the tokenizer's EOS."""
         stops = list(stop_token_ids or [])
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
-        return generate(self.model, input_ids, self.method, self.budget, max_new_tokens, stops, min_new_tokens)
+        return stops
+
+    def __call__(self, input_ids, max_new_tokens: int, stop_token_ids=None, min_new_tokens: int = 0) -> Generation:
+        return generate(self.model, input_ids, self.method, self.budget, max_new_tokens, self.stops(stop_token_ids),
+                        min_new_tokens)
+
+    def prompt(self, text: str, max_new_tokens: int, chat: bool = True, stop_token_ids=None, min_new_tokens: int = 0,
+               **info) -> Prompt:
+        """A task's generation request: `text` wrapped in the chat format (when `chat`) and encoded, with the
+        stop tokens (EOS included); `info` is what the task keeps for its record."""
+        if chat:
+            text = wrap_chat(text, self.chat_format, self.tokenizer, self.chat_template_kwargs)
+        return Prompt(self.encode(text), max_new_tokens, self.stops(stop_token_ids), min_new_tokens, info)
+
+    def run(self, prompt: Prompt) -> Generation:
+        """One prompt, alone (batch 1)."""
+        return generate(self.model, prompt.input_ids, self.method, self.budget, prompt.max_new_tokens,
+                        prompt.stop_token_ids, prompt.min_new_tokens)
+
+    def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
+        """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the GPU's
+        free memory admits, at most AUTO_BATCH), yielded as (its index, it, its Generation) as each finishes.
+        The tokens equal `run(prompt)`'s in float32."""
+        seen: dict[int, Prompt] = {}
+
+        def requests():
+            for i, prompt in enumerate(prompts):
+                seen[i] = prompt
+                yield Request(prompt.input_ids, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens)
+
+        device = next(self.model.parameters()).device
+        size, admit = batch_plan(self.model, batch_size, device)
+        for i, decoded in decode_together(self.model, requests(), self.method, self.budget, size, admit):
+            prompt = seen.pop(i)
+            kv = {**decoded.prompt_kv, **decode_kv(decoded.prompt_kv, decoded.session.kv_summary())}
+            yield i, prompt, Generation(tokens=[decoded.tokens], prompt_tokens=prompt.input_ids.shape[1],
+                                        seconds=decoded.end - decoded.start, kv=kv,
+                                        prefill_seconds=decoded.prefill_end - decoded.start)
 
     def complete(self, prompt: str, max_new_tokens: int, chat: bool = True, **kwargs) -> tuple[str, Generation]:
         """Wrap `prompt` in the chat format (when `chat`), generate greedily, return the decoded text."""
-        text = wrap_chat(prompt, self.chat_format, self.tokenizer, self.chat_template_kwargs) if chat else prompt
-        generation = self(self.encode(text), max_new_tokens, **kwargs)
+        generation = self.run(self.prompt(prompt, max_new_tokens, chat=chat, **kwargs))
         return self.decode(generation.tokens[0]), generation
+
+
+AUTO_BATCH = 16  # batch_size=auto on a GPU: at most this many sequences per decode step
+
+
+def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
+    """(most sequences per decode step, a function saying whether one more request fits now, or None).
+
+    `auto` is 1 on the CPU (prefill dominates there; measured in scripts/bench_batch.py) and on a GPU up to
+    AUTO_BATCH sequences while the free memory holds twice a new sequence's full-cache K and V (prompt + new
+    tokens): its prefill's working memory and its cache, as no method keeps more than the full cache."""
+    if batch_size != "auto":
+        size = int(batch_size)
+        if size < 1:
+            raise ValueError(f"run.batch_size={batch_size} must be >= 1 or auto")
+        return size, None
+    if device.type != "cuda":
+        return 1, None
+    from kvbench.engine.architecture import text_config
+
+    config = text_config(model.config)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+    def admit(request: Request, active: int) -> bool:
+        needed = 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
+        return torch.cuda.mem_get_info(device)[0] > needed
+
+    return AUTO_BATCH, admit

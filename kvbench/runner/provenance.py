@@ -93,11 +93,14 @@ def _mean_grid(grids: list[list[list[float]]], digits: int) -> list[list[float]]
 def timing_meta(records: list[dict]) -> dict:
     """Generation time of the records, summed over every session that wrote them: prefill (the prompt's
     forward pass and compression) and decode apart, each with its tokens/s. The first new token comes
-    from the prefill's logits; decode tokens/s is new tokens over decode time."""
+    from the prefill's logits; decode tokens/s is new tokens over decode time. Decoded in batches
+    (`run.batch_size`), a sample's seconds overlap others': the throughput is `samples_per_s` and
+    `new_tokens_per_wall_s`, over the wall time of the sample loops."""
     seconds = sum(r.get("seconds", 0.0) for r in records)
     prompt = sum(r.get("n_prompt", 0) for r in records)
     new = sum(r.get("n_new", 0) for r in records)
     split = all("prefill_seconds" in r for r in records) and new > 0  # perplexity streams: no prefill/decode
+    wall = sum(r.get("wall_seconds", r.get("seconds", 0.0)) for r in records)
     prefill = sum(r.get("prefill_seconds", 0.0) for r in records) if split else None
     decode = seconds - prefill if split else None
     per_s = lambda tokens, secs: round(tokens / secs, 2) if secs else None  # noqa: E731
@@ -110,6 +113,8 @@ def timing_meta(records: list[dict]) -> dict:
         "tokens_per_s": per_s(prompt + new, seconds),
         "prefill_tokens_per_s": per_s(prompt, prefill) if split else None,
         "new_tokens_per_s": per_s(new, decode) if split else None,
+        "samples_per_s": per_s(len(records), wall),
+        "new_tokens_per_wall_s": per_s(new, wall),
     }
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from kvbench import methods, models, tasks
 from kvbench.engine import Budget
 from kvbench.errors import KVBenchError
-from kvbench.models.generator import Generator
+from kvbench.models.generator import Generator, batch_plan
 from kvbench.runner import preflight
 from kvbench.runner.folder import RunFolder, read_records, run_path
 from kvbench.runner.identity import hashed_settings, run_id
@@ -74,6 +74,7 @@ class Plan:
     path: Path
     run_id: str
     shard: Shard
+    batch_size: int | str = 1  # run.batch_size: sequences decoded together, or "auto"
 
     @property
     def folder(self) -> RunFolder:
@@ -115,7 +116,8 @@ def plan(resolved: dict) -> Plan:
     labels = run_labels(resolved, task, method, budget)
     identity = run_id(resolved)
     path = run_path(resolved["paths"]["results"], **labels, run_id=identity)
-    return Plan(resolved, method, budget, task, labels, path, identity, Shard.from_config(resolved))
+    return Plan(resolved, method, budget, task, labels, path, identity, Shard.from_config(resolved),
+                _batch_setting((resolved.get("run") or {}).get("batch_size", 1)))
 
 
 def resume(p: Plan, folder: RunFolder, samples: list[dict]) -> tuple[dict, list[dict]]:
@@ -130,21 +132,35 @@ def resume(p: Plan, folder: RunFolder, samples: list[dict]) -> tuple[dict, list[
 
 
 def loop(p: Plan, folder: RunFolder, generator: Generator, todo: list[dict], done: dict, total: int) -> None:
-    """Evaluate `todo` (in the task's batches), appending each record to the run folder as it finishes."""
-    batch_size = getattr(p.task, "batch_size", 1)
+    """Evaluate `todo`, appending each record to the run folder as it finishes: a task that prepares prompts
+    (`prepare` / `record`) is decoded `run.batch_size` sequences at a time, perplexity in its own document
+    batches (`task.batch_size`), anything else one sample at a time. The records that finish together share
+    the wall time since the previous ones (`wall_seconds`, summed over sessions in meta.json)."""
     progress = tqdm(total=total, initial=total - len(todo), desc=p.name, unit="sample", dynamic_ncols=True)
     last = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        records = p.task.evaluate_batch(batch, generator) if batch_size > 1 else [p.task.evaluate(batch[0], generator)]
+    for records in _finished(p.task, generator, todo, p.batch_size):
         now = time.perf_counter()
         for record in records:
-            record["wall_seconds"] = round((now - last) / len(records), 4)  # summed over sessions in meta
+            record["wall_seconds"] = round((now - last) / len(records), 4)
             folder.append(record)
             done[record["id"]] = record
         last = now
-        progress.update(len(batch))
+        progress.update(len(records))
     progress.close()
+
+
+def _finished(task, generator: Generator, todo: list[dict], batch_size):
+    """The records of the samples that finish together, in the order they finish."""
+    device = next(generator.model.parameters()).device
+    if hasattr(task, "prepare") and batch_plan(generator.model, batch_size, device)[0] > 1:
+        prompts = (task.prepare(sample, generator) for sample in todo)
+        for i, prompt, generation in generator.run_many(prompts, batch_size):
+            yield [task.record(todo[i], prompt, generation, generator)]
+        return
+    size = getattr(task, "batch_size", 1)
+    for start in range(0, len(todo), size):
+        batch = todo[start : start + size]
+        yield task.evaluate_batch(batch, generator) if size > 1 else [task.evaluate(batch[0], generator)]
 
 
 def finish(p: Plan, folder: RunFolder, meta: dict, records: list[dict]) -> tuple[dict, dict, list[dict]] | None:
@@ -220,6 +236,8 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
             "samples": len(records),
             "samples_this_session": len(todo),
             "samples_on_disk": len(done),
+            "batch_size": batch_plan(model, p.batch_size, device)[0],  # most sequences per decode step
+            "batch_size_setting": p.batch_size,
             "timing": timing_meta(records),
             "memory": peak_memory(device),
             "kv": kv_meta(records),
@@ -239,6 +257,18 @@ def run_config(cfg: DictConfig | dict, model=None, tokenizer=None, command: str 
     summary = merged[0]["scores"] if merged else "shard done, waiting for the other shards"
     log.info("%s: %s (n=%d) -> %s", p.name, summary, len(records), folder.path)
     return RunResult(folder.path, *merged) if merged else RunResult(folder.path, {}, meta, records)
+
+
+def _batch_setting(value) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or str(size) != str(value).strip():
+        raise KVBenchError(f"run.batch_size={value} must be a whole number >= 1 or auto")
+    return size
 
 
 def execute(cfg: DictConfig | dict) -> Path:

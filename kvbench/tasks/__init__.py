@@ -3,9 +3,13 @@
 A task provides
 - `samples(tokenizer) -> list[dict]`: every sample, each with a stable `id`, in a fixed order;
 - `evaluate(sample, generator) -> dict`: one JSON-able record (prediction, reference, score fields);
+- for generation tasks, `prepare(sample, generator) -> Prompt` and `record(sample, prompt, generation,
+  generator) -> dict` (evaluate is the two around `generator.run`): the runner then decodes several samples
+  together (`run.batch_size`, kvbench.engine.batch) and writes each record as its sample finishes;
 - `score(records) -> dict[str, float]`: scores in 0..100 per sub-task (one key for a single task);
   each record's own `score` is in [0, 1];
 - optionally `score_details(records) -> dict`: more to store in scores.json (LongBench-E buckets);
+  `units(records)`: how its 95% intervals resample (kvbench.tasks.stats; default one unit per sample);
   `label` (the run folder and score column when it is not `name`); `batch_size` with
   `evaluate_batch(samples, generator)` to evaluate several samples at once.
 """

@@ -209,7 +209,8 @@ class LongBench:
         return out
 
     # -- evaluation
-    def evaluate(self, sample: dict, generator) -> dict:
+    def prepare(self, sample: dict, generator):
+        """The sample's prompt (the template, truncated in the middle to the model's maximum, in its chat format)."""
         task = sample["task"]
         tokenizer = generator.tokenizer
         prompt, truncated = build_prompt(
@@ -217,9 +218,11 @@ class LongBench:
             getattr(generator, "chat_template_kwargs", None),
         )
         stops, min_new = ([newline_token_id(tokenizer)], 1) if task == "samsum" else ([], 0)
-        generation = generator(
-            generator.encode(prompt), SPEC["tasks"][task]["max_new_tokens"], stop_token_ids=stops, min_new_tokens=min_new
-        )
+        return generator.prompt(prompt, SPEC["tasks"][task]["max_new_tokens"], chat=False, stop_token_ids=stops,
+                                min_new_tokens=min_new, truncated=truncated)
+
+    def record(self, sample: dict, prompt, generation, generator) -> dict:
+        task = sample["task"]
         prediction = generator.decode(generation.tokens[0])
         scored = first_line(prediction) if task in FIRST_LINE else prediction
         return {
@@ -229,10 +232,14 @@ class LongBench:
             "answers": sample["answers"],
             "all_classes": sample["all_classes"],
             "length": sample["length"],
-            "truncated": truncated,
+            "truncated": prompt.info["truncated"],
             "score": best_over_answers(METRIC[task], scored, sample["answers"], sample["all_classes"]),
             **generation.record_fields(),
         }
+
+    def evaluate(self, sample: dict, generator) -> dict:
+        prompt = self.prepare(sample, generator)
+        return self.record(sample, prompt, generator.run(prompt), generator)
 
     def score(self, records: list[dict]) -> dict[str, float]:
         by_task: dict[str, list[float]] = {}

@@ -202,8 +202,15 @@ class Passkey:
     def samples(self, tokenizer) -> list[dict]:
         return [self.make_sample(i, tokenizer) for i in range(self.num_samples)]
 
+    def prepare(self, sample: dict, generator):
+        return generator.prompt(sample["prompt"], self.max_new_tokens, chat=self.chat)
+
     def evaluate(self, sample: dict, generator) -> dict:
-        text, generation = generator.complete(sample["prompt"], self.max_new_tokens, chat=self.chat)
+        prompt = self.prepare(sample, generator)
+        return self.record(sample, prompt, generator.run(prompt), generator)
+
+    def record(self, sample: dict, prompt, generation, generator) -> dict:
+        text = generator.decode(generation.tokens[0])
         correct = first_number(text) == sample["answer"]
         return {
             "id": sample["id"],

@@ -1,0 +1,178 @@
+"""Several generations decoded together, each sequence with its own compressed cache (continuous batching).
+
+    for i, result in decode_together(model, requests, policy, budget, batch_size=8):
+        ...   # result.tokens: what Session.generate gives request i alone; yielded as each one finishes
+
+How it batches, and why the results equal batch 1:
+
+- each prompt is prefilled alone (batch 1): its attention, statistics and compression are exactly the
+  single-sequence ones, there is no padding to score, keep or count, and a ratio budget is the sequence's
+  own. A long prompt's prefill already fills a GPU; the time a batch saves is in decoding, where a batch-1
+  step reads every weight to produce one token;
+- the decode steps of up to `batch_size` sequences run as one forward pass: projections, MLPs and the LM
+  head see (batch, 1) tokens at once, each with its own position; inside each attention layer every
+  sequence's attention, statistics and eviction run on its own `CompressedCache` layer (`BatchedCache`),
+  so sequences of any length, ragged per-head stores and decode-stage eviction mix freely;
+- a sequence leaves the batch at its own stop token or length, and the next prompt takes its place, so no
+  step is spent on a finished sequence.
+
+Float32 predictions equal batch 1 token for token (tests/unit/test_batch.py); in half precision a batched
+matrix product may round differently than a single row, and agreement is reported, not assumed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.engine.budget import Budget
+from kvbench.engine.cache import CompressedCache
+from kvbench.engine.session import Session, choose, forward
+from kvbench.engine.types import Policy
+
+
+class BatchedLayer(CacheLayerMixin):
+    """One layer of several sequences' caches: `update` writes each sequence's new tokens into its own
+    layer and keeps what each returns (`pending`) for kvbench's attention, which runs per sequence."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, members: list):
+        super().__init__()
+        self.members = members
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.is_initialized = True
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.members[0].is_sliding
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.pending = [member.update(key_states[b : b + 1], value_states[b : b + 1])
+                        for b, member in enumerate(self.members)]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(member.get_mask_sizes(query_length)[0] for member in self.members), 0
+
+    def get_seq_length(self) -> int:
+        return max(member.get_seq_length() for member in self.members)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchedCache(Cache):
+    """The caches of several sequences decoded in one forward pass (kvbench's attention splits it again)."""
+
+    def __init__(self, caches: list[CompressedCache]):
+        self.sequences = caches
+        super().__init__(layers=[BatchedLayer([cache.layers[i] for cache in caches])
+                                 for i in range(len(caches[0].layers))])
+
+    def next_position_ids(self, q_len: int) -> torch.Tensor:
+        """Each sequence's own next positions, (batch, q_len)."""
+        ids = [cache.next_position_ids(q_len) for cache in self.sequences]
+        return torch.cat([i.to(ids[0].device) for i in ids])
+
+
+@dataclass
+class Request:
+    """One greedy generation: a prompt (1, n), at most `max_new_tokens`, ending at a stop token (never
+    before `min_new_tokens`)."""
+
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...] | list[int] = ()
+    min_new_tokens: int = 0
+
+
+@dataclass
+class Decoded:
+    """A finished request: its new tokens (stop excluded), its session, and its times (perf_counter):
+    start of its prefill, end of its prefill, end of its last step; the cache right after the prompt."""
+
+    tokens: list[int]
+    session: Session
+    start: float
+    prefill_end: float
+    end: float = 0.0
+    prompt_kv: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Active:
+    index: int
+    request: Request
+    stops: torch.Tensor
+    decoded: Decoded
+    logits: torch.Tensor  # (1, vocab): the logits of the next token
+    step: int = 0
+
+
+@torch.inference_mode()
+def decode_together(model, requests: Iterable[Request], policy: Policy, budget: Budget | None = None,
+                    batch_size: int = 8, admit: Callable[[Request, int], bool] | None = None,
+                    ) -> Iterator[tuple[int, Decoded]]:
+    """Greedy decoding of `requests`, up to `batch_size` sequences per decode step; yields (index of the
+    request, Decoded) as each finishes, so a caller writes its record at once. Each sequence's tokens are
+    those of `Session(...).generate` on it alone (see the module docstring). `admit(request, active)`, when
+    given, says whether the next request may join `active` running sequences now (memory); it waits if not
+    (a request always runs when nothing else does)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    device = next(model.parameters()).device
+    pending = enumerate(requests)
+    active: list[_Active] = []
+    waiting = next(pending, None)
+    while active or waiting is not None:
+        while waiting is not None and len(active) < batch_size and (
+                not active or admit is None or admit(waiting[1], len(active))):
+            active.append(_prefill(model, *waiting, policy, budget, device))  # refill: one prompt at a time
+            waiting = next(pending, None)
+        stepping = []
+        for seq in active:  # choose each sequence's token; finished ones leave the batch
+            token, is_stop = choose(seq.logits, seq.step, seq.stops, seq.request.min_new_tokens)
+            if not bool(is_stop[0]):
+                seq.decoded.tokens.append(int(token[0]))
+            if bool(is_stop[0]) or seq.step == seq.request.max_new_tokens - 1:
+                seq.decoded.end = _now(device)
+                yield seq.index, seq.decoded
+            else:
+                stepping.append((seq, token))
+        active = [seq for seq, _ in stepping]
+        if not stepping:
+            continue
+        ids = torch.stack([token for _, token in stepping])  # (batch, 1)
+        if len(stepping) == 1:  # one sequence left: its own cache, exactly the batch-1 path
+            logits = forward(model, active[0].decoded.session.cache, ids)[:, -1]
+        else:
+            logits = forward(model, BatchedCache([seq.decoded.session.cache for seq in active]), ids)[:, -1]
+        for b, seq in enumerate(active):
+            seq.logits = logits[b : b + 1]
+            seq.step += 1
+
+
+def _prefill(model, index: int, request: Request, policy, budget, device) -> _Active:
+    if request.max_new_tokens < 1:
+        raise ValueError(f"request {index}: max_new_tokens={request.max_new_tokens} must be >= 1")
+    start = time.perf_counter()
+    session = Session(model, policy, budget, reserve=request.max_new_tokens)
+    logits = session.prefill(request.input_ids.to(device))[:, -1]
+    decoded = Decoded([], session, start, _now(device), prompt_kv=session.kv_summary())
+    stops = torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device)
+    return _Active(index, request, stops, decoded, logits)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":  # the kernels launched so far finished: the time is theirs
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
