@@ -7,6 +7,7 @@
     kvbench status [EXP|FOLDER]         finished / partial / missing runs of an experiment or a folder
     kvbench merge RUN_FOLDER            join a sharded run's shards (the last shard does it by itself)
     kvbench reproduce EXP [--scale S]   a paper's table: its sweep, then paper / ours / difference (a checkout)
+    kvbench compare A B [--budget B]    two methods on the same samples: paired differences with 95% intervals
     kvbench check [--lengths N,...]     the GPU self-check: every method at 7B shape (a narrow model on the CPU)
     kvbench fetch                       the registry-shipped model and text (SmolLM2-135M, the Britannica article)
 """
@@ -136,7 +137,7 @@ COMMANDS = {
     "status": _module_main("kvbench.runner.status", "status"),
     "merge": _module_main("kvbench.runner.merge", "merge"),
     "reproduce": _papers_main,
-    "compare": _papers_main,  # the old name of `reproduce`
+    "compare": _module_main("kvbench.report.compare", "compare"),
     "check": _module_main("kvbench.check", "check"),
     "fetch": fetch,
 }

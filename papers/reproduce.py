@@ -53,8 +53,8 @@ def _one_run(rows: pd.DataFrame, notes: list[str], where: str) -> pd.DataFrame:
     return shown
 
 
-def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> float | None:
-    """The score of the run the labels name (the mean of its sub-tasks for AVG), or None if not on disk."""
+def _cell_rows(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> pd.DataFrame | None:
+    """The long-table rows of the one run the labels name (its sub-task's row, or all for AVG), or None."""
     if labels is None or long.empty:
         return None
     rows = long[(long["model"] == labels["model"]) & (long["task"] == labels["task"])
@@ -66,27 +66,59 @@ def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None =
     where = "/".join(str(labels[k]) for k in ("model", "task", "method") if k in labels)
     rows = _one_run(rows, notes if notes is not None else [], where)
     if labels["subtask"] == AVG:
-        return round(float(rows["score"].mean()), 2)
+        return rows
     hit = rows[rows["subtask"] == labels["subtask"]]
-    return None if hit.empty else float(hit["score"].iloc[0])
+    return None if hit.empty else hit
+
+
+def our_value(long: pd.DataFrame, labels: dict | None, notes: list[str] | None = None) -> float | None:
+    """The score of the run the labels name (the mean of its sub-tasks for AVG), or None if not on disk."""
+    rows = _cell_rows(long, labels, notes)
+    if rows is None:
+        return None
+    return round(float(rows["score"].mean()), 2) if labels["subtask"] == AVG else float(rows["score"].iloc[0])
+
+
+def our_half_width(long: pd.DataFrame, labels: dict | None) -> float | None:
+    """Half the width of our cell's 95% interval (AVG: sqrt(sum h^2) / k), None when the run has none."""
+    rows = _cell_rows(long, labels)
+    if rows is None or rows["low"].isna().any() or rows["high"].isna().any():
+        return None
+    half = (rows["high"].astype(float) - rows["low"].astype(float)) / 2
+    return round(float((half**2).sum() ** 0.5 / len(half)), 2)
 
 
 def compare(table: PaperTable, long: pd.DataFrame, scale: str = "full", paper_dir: Path = PAPER_DIR) -> pd.DataFrame:
-    """The paper's rows; for each of its columns, (column, paper), (column, ours), (column, Δ).
+    """The paper's rows; for each of its columns, (column, paper), (column, ours), (column, Δ), and when our
+    runs have intervals (column, ±) = half our 95% interval and (column, in CI) = whether |Δ| <= ± (the paper's
+    number inside our interval).
 
-    At smoke scale only (column, ours): those numbers are not comparable with the paper's.
+    At smoke scale only (column, ours) (and ±): those numbers are not comparable with the paper's.
     `frame.attrs["notes"]` lists cells that several runs could fill (the newest is used)."""
     paper = paper_frame(table, paper_dir)
-    out, notes = {}, []
+    out, inside, notes = {}, {}, []
     for column in paper.columns:
-        ours = [our_value(long, table.labels(key, column, scale), notes) for key in paper.index]
+        cells = [table.labels(key, column, scale) for key in paper.index]
+        ours = [our_value(long, labels, notes) for labels in cells]
+        halves = [our_half_width(long, labels) for labels in cells]
         theirs = [None if pd.isna(v) else float(v) for v in paper[column]]
         if scale != "smoke":
             out[(column, "paper")] = theirs
         out[(column, "ours")] = ours
+        if any(h is not None for h in halves):
+            out[(column, "±")] = halves
         if scale != "smoke":
-            out[(column, "Δ")] = [None if o is None or p is None else round(o - p, 2) for o, p in zip(ours, theirs)]
+            delta = [None if o is None or p is None else round(o - p, 2) for o, p in zip(ours, theirs)]
+            out[(column, "Δ")] = delta
+            if any(h is not None for h in halves):
+                inside[(column, "in CI")] = [None if d is None or h is None else ("yes" if abs(d) <= h else "no")
+                                             for d, h in zip(delta, halves)]
     frame = pd.DataFrame(out, index=paper.index).astype("float64")
+    for key, values in inside.items():
+        frame[key] = pd.Series(values, index=paper.index, dtype=object)
+    order = [key for column in paper.columns for kind in ("paper", "ours", "±", "Δ", "in CI")
+             if (key := (column, kind)) in frame.columns]
+    frame = frame[order]
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     frame.attrs["notes"] = notes
     return frame
@@ -183,7 +215,8 @@ def reproduce(name: str, scale: str = "full", results: str = "results", run: boo
         if table.analysis:
             write_analysis(table, scale, results)
     frame = compare(table, collect(find_runs(results)), scale)
-    note = SMOKE_NOTE if scale == "smoke" else f"{name}: paper (papers/reported/{table.csv}), ours, Δ = ours − paper."
+    note = SMOKE_NOTE if scale == "smoke" else (f"{name}: paper (papers/reported/{table.csv}), ours, Δ = ours − paper; where our runs have "
+                                                      "95% intervals, ± is half ours and 'in CI' says whether |Δ| <= ±.")
     note += f" {table.layout}" if table.layout else ""
     out_name = name + ("_smoke" if scale == "smoke" else "")
     return frame, write(frame, Path(results) / "tables", out_name, note)

@@ -63,19 +63,27 @@ def ragged_kept(layer):
     return [[pos[starts[b * r.heads + h]: starts[b * r.heads + h + 1]] for h in range(r.heads)] for b in range(r.batch)]
 
 
-TASK_NAMES = {"passkey": "passkey", "multikey": "multikey"}
+TASK_NAMES = {"passkey": "passkey", "multikey": "multikey", "passkey_prose": "passkey"}
 
 
 def fake_run(root, model, task, method, budget, scores, tokens=None, *, ratio=None, n=3, folder_name=None,
-             task_cfg=None, method_name=None, kept=None):
-    """A finished run folder: scores.json, config.yaml (and meta.json when `kept` tokens per head are given)."""
+             task_cfg=None, method_name=None, kept=None, records=None):
+    """A finished run folder: scores.json, config.yaml (and meta.json when `kept` tokens per head are given);
+    with `records`, predictions.jsonl and the intervals in scores.json (the runner's own summary)."""
+    from kvbench import tasks
+    from kvbench.runner.scoring import summarize
+
     folder = root / "runs" / model / task / method / (folder_name or budget)
     folder.mkdir(parents=True)
     labels = {"model": model, "task": task, "method": method, "budget": budget}
-    (folder / "scores.json").write_text(json.dumps({**labels, "scores": scores, "n": n}))
     name = TASK_NAMES.get(task, "perplexity" if task.startswith("ppl_") else "longbench" if "longbench" in task else task)
     cfg = {"model": {"name": model}, "task": {"name": name, **(task_cfg or {})},
            "method": {"name": method_name or method.split("-")[0]}, "budget": {"tokens": tokens, "ratio": ratio}}
+    summary = {**labels, "scores": scores, "n": n}
+    if records is not None:
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        summary = summarize(tasks.build(cfg["task"]), labels, records)
+    (folder / "scores.json").write_text(json.dumps(summary))
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     if kept is not None:
         (folder / "meta.json").write_text(json.dumps({"kv": {"kv_kept_tokens_per_layer_head": [[kept, kept]]}}))

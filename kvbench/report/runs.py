@@ -14,7 +14,7 @@ from kvbench.runner.identity import hashed_settings
 
 FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "longbench": "longbench", "perplexity": "ppl"}
 COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
-           "family", "reference", "settings", "kept_per_head", "kv_ratio"]
+           "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high"]
 
 
 
@@ -68,7 +68,10 @@ def load_run(folder: Path) -> list[dict]:
         "kv_ratio": ratio,
         "_config": _flatten(hashed_settings(cfg)),
     }
-    return [{**base, "subtask": subtask, "score": value} for subtask, value in scores.get("scores", {}).items()]
+    intervals = scores.get("intervals") or {}  # 95% bootstrap per sub-task (runs before it: none)
+    return [{**base, "subtask": subtask, "score": value, "low": (intervals.get(subtask) or {}).get("low"),
+             "high": (intervals.get(subtask) or {}).get("high")}
+            for subtask, value in scores.get("scores", {}).items()]
 
 
 def _label_settings(rows: list[dict]) -> None:

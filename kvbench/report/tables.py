@@ -7,7 +7,8 @@
 Families (`kvbench.report.runs.FAMILIES`, from each run's config.yaml `task.name`): `retrieval` (passkey, multikey),
 `longbench`, `ppl` (perplexity). A table never mixes families, so no average spans perplexity and
 accuracy. Columns: the sub-tasks, `Avg` (accuracy families only, and only for a row that has every
-column), and `n` (samples per run). Runs are labelled by model/task/method/budget as in scores.json;
+column), and `n` (samples per run). A cell with a 95% interval (scores.json `intervals`, kvbench.tasks.stats)
+reads `52.50 ± 4.10` (half its width) in markdown and LaTeX; the CSV has `<column>_low` / `<column>_high`. Runs are labelled by model/task/method/budget as in scores.json;
 when two runs share those labels, a `settings` column lists the config values that tell them apart.
 After a Hydra multirun, `kvbench.report.sweep.SweepTableCallback` writes `results/tables/<sweep>_<family>.*`
 from exactly the runs of that sweep.
@@ -84,14 +85,55 @@ def pivot(long: pd.DataFrame, subtask_order: list[str] | None = None) -> pd.Data
     return table.loc[rows]
 
 
-def write(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[str, Path]:
+def interval_bounds(long: pd.DataFrame, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(low, high) of each cell's 95% interval, shaped like `table` (NaN where a run has none), or None when
+    no run has intervals. Avg's is Avg -/+ sqrt(sum of the row's half-widths^2) / k (disjoint samples)."""
+    with_ci = long.dropna(subset=["low", "high"])
+    if with_ci.empty:
+        return None
+    bounds = []
+    for side in ("low", "high"):
+        cells = with_ci.pivot_table(index=table.index.names, columns="subtask", values=side, aggfunc="last")
+        frame = pd.DataFrame(index=table.index, columns=table.columns, dtype=float)
+        subtasks = [c for c in table.columns if c in cells.columns]
+        frame.loc[:, subtasks] = cells.reindex(table.index)[subtasks].astype(float).to_numpy()
+        bounds.append(frame)
+    low, high = bounds
+    if "Avg" in table.columns:
+        inner = [c for c in table.columns if c not in ("Avg", "n")]
+        half = (((high[inner] - low[inner]) / 2) ** 2).sum(axis=1, min_count=len(inner)) ** 0.5 / len(inner)
+        low["Avg"], high["Avg"] = table["Avg"] - half, table["Avg"] + half
+    return low, high
+
+
+def _with_intervals(table: pd.DataFrame, bounds) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cells as text, `52.50 ± 4.10` (half the interval's width) where an interval exists; the numbers with
+    `<col>_low` / `<col>_high` columns for the CSV)."""
+    shown, numbers = table.copy().astype(object), table.copy()
+    if bounds is None:
+        return shown, numbers
+    low, high = bounds
+    for column in [c for c in table.columns if c != "n" and low[c].notna().any()]:
+        half = (high[column] - low[column]) / 2
+        shown[column] = [None if pd.isna(v) else (f"{v:.2f}" if pd.isna(w) else f"{v:.2f} ± {w:.2f}")
+                         for v, w in zip(table[column], half)]
+        numbers[f"{column}_low"] = low[column].round(4)
+        numbers[f"{column}_high"] = high[column].round(4)
+    return shown, numbers
+
+
+def write(table: pd.DataFrame, out_dir: str | Path, name: str, bounds=None) -> dict[str, Path]:
+    """`<name>.{md,csv,tex}`; with `bounds` (`interval_bounds`) the markdown and LaTeX cells read
+    `52.50 ± 4.10` and the CSV has `<column>_low` / `<column>_high` columns."""
     out_dir = Path(out_dir)
-    flat = table.reset_index().astype(object)
-    flat = flat.where(flat.notna(), None)  # blank cells, never "nan"
+    shown, numbers = _with_intervals(table, bounds)
+    flat, flat_csv = (t.reset_index().astype(object) for t in (shown, numbers))
+    flat, flat_csv = (t.where(t.notna(), None) for t in (flat, flat_csv))  # blank cells, never "nan"
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "csv", "tex")}
     atomic_write_text(paths["md"], flat.to_markdown(index=False, floatfmt=".2f", missingval="") + "\n")
-    atomic_write_text(paths["csv"], flat.to_csv(index=False))
-    atomic_write_text(paths["tex"], flat.to_latex(index=False, float_format="%.2f", na_rep=""))
+    atomic_write_text(paths["csv"], flat_csv.to_csv(index=False))
+    tex = flat.to_latex(index=False, float_format="%.2f", na_rep="").replace("±", "$\\pm$")
+    atomic_write_text(paths["tex"], tex)
     return paths
 
 
@@ -104,8 +146,9 @@ def build_tables(results_dir, name: str, folders=None, **filters) -> dict[str, t
             long = long[long[column].isin(list(allowed))]
     out = {}
     for family in sorted(set(long["family"])):
-        table = pivot(long[long["family"] == family])
-        out[family] = table, write(table, Path(results_dir) / "tables", f"{name}_{family}")
+        rows = long[long["family"] == family]
+        table = pivot(rows)
+        out[family] = table, write(table, Path(results_dir) / "tables", f"{name}_{family}", interval_bounds(rows, table))
     return out
 
 

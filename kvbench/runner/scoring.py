@@ -1,9 +1,11 @@
-"""A run's scores.json: the task's metric over its records, per sub-task, with their average and n.
+"""A run's scores.json: the task's metric over its records, per sub-task, with their average, n and 95% intervals.
 
 Written by the runner when an unsharded run finishes, and by `kvbench merge` when a sharded one does.
 """
 
 from __future__ import annotations
+
+from kvbench.tasks.stats import intervals
 
 
 def summarize(task, labels: dict, records: list[dict], stored_cfg: dict | None = None) -> dict:
@@ -17,6 +19,7 @@ def summarize(task, labels: dict, records: list[dict], stored_cfg: dict | None =
         "scores": subtask_scores,
         "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
         "n": len(records),
+        "intervals": intervals(task, records),  # 95% bootstrap per sub-task (kvbench.tasks.stats)
         **(task.score_details(records) if hasattr(task, "score_details") else {}),
         "settings": stored_cfg.get("run_settings"),
     }

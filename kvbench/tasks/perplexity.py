@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from kvbench.engine import Session
 from kvbench.errors import KVBenchError
+from kvbench.tasks.stats import perplexity_units
 
 DATASETS = {  # name -> (hub id, config, split, text field); every one also loads from a local file
     "synthetic": ("synthetic", None, "test", "text"),  # held-out text of the seeded grammar (no download)
@@ -261,6 +262,10 @@ class Perplexity:
     def score(self, records: list[dict]) -> dict[str, float]:
         tokens = sum(r["n_tokens"] for r in records)
         return {self.label: round(math.exp(sum(r["nll_sum"] for r in records) / tokens), 4)}
+
+    def units(self, records: list[dict]) -> dict:
+        """Resampling units of the intervals: blocks of token NLLs (kvbench.tasks.stats)."""
+        return perplexity_units(self.label, records)
 
     def score_details(self, records: list[dict]) -> dict:
         return {

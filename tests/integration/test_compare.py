@@ -86,7 +86,7 @@ def test_headkv_smoke_scale_runs_with_the_tiny_models_head_scores(tmp_path):
     assert folder.parts[-4:-1] == ("tiny", "longbench", "headkv-r2-expand-smoke") and folder.name.startswith("tokens32-")  # per query head
     frame = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)), scale="smoke")
     # the paper's KV size 128 <- our smoke 32; smoke scores are not comparable, so no paper column
-    assert list(frame.columns.get_level_values(1).unique()) == ["ours"]
+    assert list(frame.columns.get_level_values(1).unique()) == ["ours", "±"]  # ± : our 95% interval
     assert frame.loc["HeadKV-R2", ("128", "ours")] > 0 and pd.isna(frame.loc["HeadKV-R", ("128", "ours")])
 
 
@@ -140,3 +140,15 @@ def test_each_sweep_pass_writes_its_own_table():
     names = [pass_table_name("headkv_longbench_smoke", p) for p in PAPER_TABLES["headkv_longbench"].passes]
     assert names == ["headkv_longbench_smoke_runs", "headkv_longbench_smoke_runs_snapkv-window8",
                      "headkv_longbench_smoke_runs_headkv-variantr"]
+
+
+def test_paper_tables_say_whether_the_papers_number_is_inside_our_interval(tmp_path):
+    from kvbench.report.runs import collect, find_runs
+
+    rows = [{"id": f"qasper/{i}", "task": "qasper", "score": s, "length": 0} for i, s in enumerate([0.5, 0.3] * 10)]
+    fake_run(tmp_path, "llama3-8b-instruct", "longbench", "full", "full", {}, records=rows)
+    headkv = compare(PAPER_TABLES["headkv_longbench"], collect(find_runs(tmp_path)))
+    paper, ours, half = (headkv.loc["FullKV", ("128", kind)] for kind in ("paper", "ours", "±"))
+    assert ours == 40.0 and 0 < half < 10
+    assert headkv.loc["FullKV", ("128", "in CI")] == ("yes" if abs(ours - paper) <= half else "no")
+    assert pd.isna(headkv.loc["SnapKV", ("128", "in CI")])  # no run of ours

@@ -12,6 +12,8 @@ from kvbench.models.registry import fetch
 from kvbench.tasks.prose import TEXT_NAME, clean_article, documents, paragraphs, prose_pieces, text_path
 from papers.claims import MODEL, claim_table, write_claims
 
+UNTESTED = "holds (no per-sample records to test)"
+
 
 def long_frame(rows):
     return pd.DataFrame([{"model": MODEL, "task": t, "method": m, "budget": b, "subtask": s, "score": v,
@@ -21,10 +23,10 @@ def long_frame(rows):
 def test_sink_claims_follow_their_rules():
     rows = [("ppl_prose", f"streamingllm-sink{s}", "tokens32", "ppl_prose", v) for s, v in ((0, 40.0), (1, 12.0), (4, 11.0))]
     table = claim_table("streamingllm_sinks", long_frame(rows))
-    assert table["holds on SmolLM2"].tolist() == ["yes", "yes"]
+    assert table["holds on SmolLM2"].tolist() == [UNTESTED, UNTESTED]  # no records: no paired test
     assert "PPL 0 sinks 40.00" in table["numbers"][0]
     rows[0] = rows[0][:4] + (15.0,)  # 15 < 2 x 11: not "far worse"
-    assert claim_table("streamingllm_sinks", long_frame(rows))["holds on SmolLM2"][0] == "no"
+    assert claim_table("streamingllm_sinks", long_frame(rows))["holds on SmolLM2"][0] == "does not hold"
     assert claim_table("streamingllm_sinks", long_frame(rows[1:]))["holds on SmolLM2"][0] == "not run"
 
 
@@ -32,7 +34,7 @@ def test_vatp_claim_counts_tasks_won():
     rows = [("longbench", m, "ratio0.5", t, v) for t, (h, vatp) in {"a": (1, 2), "b": (3, 2), "c": (1, 5)}.items()
             for m, v in (("h2o", h), ("vatp", vatp))]
     table = claim_table("vatp_longbench", long_frame(rows))
-    assert table["holds on SmolLM2"].tolist() == ["yes", "not run"]
+    assert table["holds on SmolLM2"].tolist() == ["holds, not significant", "not run"]  # 2 of 3: sign test p = 1
     assert "2 of 3 tasks" in table["numbers"][0]
 
 
@@ -124,7 +126,7 @@ def test_claims_read_only_the_experiments_own_runs(tmp_path):
         fake_run(folder, ppl)
     fake_run(folders[0].parent / "tokens32-zzzzzzzz", 11.5)  # the same labels, other settings: sorts last
     frame, _ = reproduce("streamingllm_sinks", "cpu", str(tmp_path), run=False)
-    assert "PPL 0 sinks 40.00" in frame["numbers"][0] and frame["holds on SmolLM2"].tolist() == ["yes", "yes"]
+    assert "PPL 0 sinks 40.00" in frame["numbers"][0] and frame["holds on SmolLM2"].tolist() == [UNTESTED, UNTESTED]
 
 
 def test_fetching_the_text_offline_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
