@@ -2,13 +2,16 @@
 
     python -m kvbench.report.plots --name demo        # results/plots/demo_budget_vs_score.png from every run
 
-One colour and one legend entry per method over the whole figure; a full cache (any tag) is a
+One style (colour, marker, line style) and one legend entry per method over the whole figure, the same
+method styled alike in every figure; the legend outside the axes; error bars from the runs' 95% intervals;
+methods with equal scores nudged apart sideways so no curve hides another. A full cache (any tag) is a
 horizontal reference line, not a method; panels and budgets in numeric order (w32, w64, w128).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pandas as pd
 
 from kvbench.report.runs import collect, find_runs
 from kvbench.report.tables import natural_key
+from kvbench.runner.folder import disk_full
 
 REFERENCE_STYLES = ("--", ":", "-.")
 
@@ -34,12 +38,40 @@ def series_label(row) -> str:
     return f"{row['method']} [{row['settings']}]" if row.get("settings") else str(row["method"])
 
 
-def method_colours(labels) -> dict[str, tuple]:
-    """A fixed colour per label (sorted), the same in every panel of a figure."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style_index(label: str, known: list[str]) -> int:
+    """A label's place in the fixed style order: registered methods first (their registry order), any other
+    label (a tag, a settings suffix) by a hash of its text, the same in every figure and on every machine."""
+    import zlib
+
+    base = label.split(" [")[0]
+    if base in known:
+        return known.index(base)
+    return len(known) + zlib.crc32(label.encode()) % 97
+
+
+def method_styles(labels) -> dict[str, dict]:
+    """A fixed colour, marker and line style per label: the same method looks the same in every figure
+    (whatever else is plotted), and labels that share a colour differ in marker and line style."""
+    from kvbench.methods import REGISTRY
+
     plt = _plt()
-    labels = sorted(set(labels), key=natural_key)
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    cmap = plt.get_cmap("tab20")
+    known = [name for name in REGISTRY if name != "full"]
+    out = {}
+    for label in sorted(set(labels), key=natural_key):
+        i = _style_index(label, known)
+        out[label] = {"color": cmap((2 * i) % 20 + (i // 10) % 2), "marker": MARKERS[i % len(MARKERS)],
+                      "linestyle": LINESTYLES[(i // 3) % len(LINESTYLES)]}
+    return out
+
+
+def method_colours(labels) -> dict[str, tuple]:
+    """The colour of each label's style (`method_styles`)."""
+    return {label: style["color"] for label, style in method_styles(labels).items()}
 
 
 def x_axis(compressed: pd.DataFrame) -> tuple[str, str]:
@@ -57,11 +89,12 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
         return None
     plt = _plt()
     from matplotlib.lines import Line2D
+    from matplotlib.transforms import offset_copy
 
     long = long.assign(series=long.apply(series_label, axis=1))
     refs, compressed = long[long["reference"]], long[~long["reference"]]
     x, xlabel = x_axis(compressed) if not compressed.empty else ("budget_tokens", "KV budget (tokens per head)")
-    colours = method_colours(compressed["series"])
+    styles = method_styles(compressed["series"])
     ref_styles = {s: REFERENCE_STYLES[i % 3] for i, s in enumerate(sorted(set(refs["series"]), key=natural_key))}
     several_models = long["model"].nunique() > 1
     panels = list(dict.fromkeys(zip(long["family"], long["subtask"], long["model"])))  # LongBench: the papers' order
@@ -70,11 +103,25 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
     for ax, (model, subtask) in zip(axes[0], panels):
         panel = long[(long["model"] == model) & (long["subtask"] == subtask)]
         for series, group in panel[panel["reference"]].groupby("series"):
-            for value in group["score"]:
-                ax.axhline(value, color="black", linestyle=ref_styles[series], linewidth=1, label=series)
-        for series, group in panel[~panel["reference"]].groupby("series"):
-            group = group[group[x].notna()].sort_values(x)
-            ax.plot(group[x].astype(float), group["score"], marker="o", color=colours[series], label=series)
+            for _, ref in group.iterrows():
+                ax.axhline(ref["score"], color="black", linestyle=ref_styles[series], linewidth=1, label=series)
+                if pd.notna(ref["low"]) and pd.notna(ref["high"]):  # its 95% interval as a band
+                    ax.axhspan(ref["low"], ref["high"], color="black", alpha=0.07, linewidth=0)
+        drawn = sorted(set(panel.loc[~panel["reference"], "series"]), key=natural_key)
+        for k, series in enumerate(drawn):
+            group = panel[(panel["series"] == series) & panel[x].notna()].sort_values(x)
+            # equal scores stay visible: each method drawn a few points sideways by its rank in the panel
+            # (the data are unchanged), with hollow markers of its own shape and a line style of its own
+            shift = offset_copy(ax.transData, fig=fig, x=2.5 * (k - (len(drawn) - 1) / 2), units="points")
+            style = styles[series]
+            xs, ys = group[x].astype(float), group["score"]
+            ax.plot(xs, ys, color=style["color"], marker=style["marker"], linestyle=style["linestyle"],
+                    markerfacecolor="none", markersize=6, linewidth=1.3, alpha=0.9, label=series, transform=shift)
+            has_ci = group["low"].notna() & group["high"].notna()
+            if has_ci.any():
+                ax.errorbar(xs[has_ci], ys[has_ci], yerr=[(ys - group["low"])[has_ci].astype(float),
+                                                          (group["high"] - ys)[has_ci].astype(float)],
+                            fmt="none", ecolor=style["color"], elinewidth=0.8, capsize=2, alpha=0.8, transform=shift)
         if x == "budget_tokens" or x == "kept_per_head":
             ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
@@ -82,11 +129,14 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
         ax.set_title(f"{model} / {subtask}" if several_models else str(subtask), fontsize=9)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color="black", linestyle=style, label=s) for s, style in ref_styles.items()]
-    handles += [Line2D([], [], color=colour, marker="o", label=s) for s, colour in colours.items()]
-    fig.legend(handles=handles, loc="center right", fontsize=8)
+    handles += [Line2D([], [], color=st["color"], marker=st["marker"], linestyle=st["linestyle"],
+                       markerfacecolor="none", label=s) for s, st in styles.items()]
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.tight_layout()
+    # outside the axes, right of the last panel (savefig's bbox_inches="tight" keeps it in the image)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+               title="bars: 95% interval", title_fontsize=7)
     return fig
 
 
@@ -99,9 +149,16 @@ def budget_vs_score(long: pd.DataFrame, out: str | Path, title: str = "") -> Pat
     if fig is None:
         return None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    _plt().close(fig)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # whole or not at all: a full disk leaves the previous figure, and one line naming the folder
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise disk_full(err, out.parent) or err from err
+    finally:
+        _plt().close(fig)
     return out
 
 
