@@ -8,7 +8,8 @@ Each holds
 
 A restarted run with the same settings skips the samples already on disk; a
 half-written last line (a kill mid-write) is dropped, and so is a corrupt line
-anywhere else (with a warning that counts them), every other record is kept.
+anywhere else (with a warning that counts them), every other record is kept. A full disk ends the run
+with one line naming the folder; a record that could not be written whole is cut back, not left torn.
 A folder that holds a run with other settings is never mixed into: that is an
 error naming the fix. Every file is written with the permissions the umask
 gives (0644 by default); summary files atomically (temp file + rename).
@@ -16,6 +17,7 @@ gives (0644 by default); summary files atomically (temp file + rename).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,9 +58,25 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(err: OSError, folder: Path) -> KVBenchError | None:
+    """The one line a full disk (or quota) gets while writing under `folder`; None for any other error."""
+    if err.errno not in DISK_FULL:
+        return None
+    return KVBenchError(f"no space left on the disk holding {folder} ({err.strerror}): free space there (or set "
+                        "paths.results to another disk) and rerun the same command; what is on disk is kept "
+                        "and the run resumes from it")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
+    """Write `path` whole or not at all (temp file + rename); a full disk is one KVBenchError line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
+    except OSError as err:
+        raise disk_full(err, path.parent) or err from err
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -66,9 +84,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and disk_full(err, path.parent):
+            raise disk_full(err, path.parent) from err
         raise
 
 
@@ -144,10 +164,18 @@ class RunFolder:
         return read_records(self.predictions_path, repair=True)
 
     def append(self, record: dict) -> None:
-        with open(self.predictions_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record as one line, flushed to disk; a write that fails (a full disk) is cut back so
+        no torn line stays behind, and a full disk is one KVBenchError line naming the folder."""
+        line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        with open(self.predictions_path, "ab", buffering=0) as f:
+            end = f.tell()
+            try:
+                while line:  # a nearly full disk may take part of a write
+                    line = line[f.write(line):]
+                os.fsync(f.fileno())
+            except OSError as err:
+                f.truncate(end)
+                raise disk_full(err, self.path) or err from err
 
     def write_scores(self, scores: dict) -> None:
         atomic_write_json(self.path / "scores.json", scores)

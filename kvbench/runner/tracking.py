@@ -22,6 +22,8 @@ import os
 import uuid
 from pathlib import Path
 
+from kvbench.runner.folder import disk_full
+
 MODES = ("offline", "online", "disabled")
 # what python -m kvbench.report.dashboard builds its panels from: group by method, budget (x) against score (y)
 DASHBOARD_CONFIG = ("method_name", "budget_tokens", "budget_ratio", "budget_label", "model_name", "task_name",
@@ -82,6 +84,12 @@ class Tracker:
     def log_results(self, scores: dict, meta: dict, records: list[dict]) -> None:
         if self.run is None:
             return
+        try:
+            self._log_results(scores, meta, records)
+        except OSError as err:  # a full disk under W&B's offline folder: one line naming it
+            raise disk_full(err, Path(self.run.dir)) or err from err
+
+    def _log_results(self, scores: dict, meta: dict, records: list[dict]) -> None:
         import wandb
 
         keys = dashboard_keys(scores, meta)
@@ -97,8 +105,11 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+            run, self.run = self.run, None
+            try:
+                run.finish(exit_code=exit_code)
+            except OSError as err:
+                raise disk_full(err, Path(run.dir)) or err from err
 
 
 def _run_id(run_folder: Path | None) -> str | None:
