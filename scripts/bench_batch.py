@@ -50,7 +50,7 @@ def load_model(args):
     from kvbench.resources import CONFIG_DIR
 
     spec = yaml.safe_load((CONFIG_DIR / "model" / f"{args.model}.yaml").read_text())
-    model, tokenizer = load({**spec, "dtype": args.dtype, "device": args.device, "seed": 0})
+    model, tokenizer = load({**spec, "cache_dir": None, "dtype": args.dtype, "device": args.device, "seed": 0})
     install(model, "sdpa")
     return model, len(tokenizer)
 

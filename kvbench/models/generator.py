@@ -8,6 +8,7 @@ With `method=full` the tokens equal `model.generate(do_sample=False)` (a test).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ class Generator:
                         prompt.stop_token_ids, prompt.min_new_tokens)
 
     def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
-        """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the GPU's
-        free memory admits, at most AUTO_BATCH), yielded as (its index, it, its Generation) as each finishes.
+        """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the free
+        memory admits, at most AUTO_BATCH), yielded as (its index, it, its Generation) as each finishes.
         The tokens equal `run(prompt)`'s in float32."""
         seen: dict[int, Prompt] = {}
 
@@ -163,22 +164,30 @@ class Generator:
         return self.decode(generation.tokens[0]), generation
 
 
-AUTO_BATCH = 16  # batch_size=auto on a GPU: at most this many sequences per decode step
+AUTO_BATCH = {"cuda": 16, "cpu": 8}  # batch_size=auto: at most this many sequences per decode step
+
+
+def free_memory(device) -> int | None:
+    """Bytes free now on `device` (the GPU's, or the machine's available memory), None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
     """(most sequences per decode step, a function saying whether one more request fits now, or None).
 
-    `auto` is 1 on the CPU (prefill dominates there; measured in scripts/bench_batch.py) and on a GPU up to
-    AUTO_BATCH sequences while the free memory holds twice a new sequence's full-cache K and V (prompt + new
-    tokens): its prefill's working memory and its cache, as no method keeps more than the full cache."""
+    `auto` is up to AUTO_BATCH sequences (16 on a GPU, 8 on the CPU, where decoding 8 together doubles
+    SmolLM2's throughput: docs/performance.md) while the free memory holds twice a new sequence's full-cache K
+    and V (prompt + new tokens): its prefill's working memory and its cache, as no method keeps more."""
     if batch_size != "auto":
         size = int(batch_size)
         if size < 1:
             raise ValueError(f"run.batch_size={batch_size} must be >= 1 or auto")
         return size, None
-    if device.type != "cuda":
-        return 1, None
     from kvbench.engine.architecture import text_config
 
     config = text_config(model.config)
@@ -187,7 +196,7 @@ def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
     per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
     def admit(request: Request, active: int) -> bool:
-        needed = 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
-        return torch.cuda.mem_get_info(device)[0] > needed
+        free = free_memory(device)
+        return free is None or free > 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
 
-    return AUTO_BATCH, admit
+    return AUTO_BATCH.get(device.type, 1), admit

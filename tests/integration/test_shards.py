@@ -143,8 +143,9 @@ def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, mo
 
 @pytest.mark.slow
 def test_shard_killed_mid_way_resumes(tmp_path):
+    one = "run.batch_size=1"  # one sample at a time, so the kill lands between records (batches: test_batch.py)
     args = ["logger=none", "task.context_tokens=300", *ARGS, "task.num_samples=10",
-            "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}"]
+            "run.num_shards=2", "run.shard=0", f"paths.results={tmp_path}", one]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     job = subprocess.Popen([sys.executable, "-m", "kvbench", "run", *args], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,10 +163,10 @@ def test_shard_killed_mid_way_resumes(tmp_path):
     assert json.loads((folder / ".lock.0-of-2").read_text())["pid"] == job.pid  # left behind
 
     for i in (0, 1):  # the restarted shard takes the stale lock over and resumes; shard 1 merges
-        execute(config(tmp_path, *ARGS, "task.num_samples=10", "run.num_shards=2", f"run.shard={i}"))
+        execute(config(tmp_path, *ARGS, "task.num_samples=10", "run.num_shards=2", f"run.shard={i}", one))
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["shards"][0]["samples_this_session"] == 5 - written
-    reference = execute(config(tmp_path / "one", *ARGS, "task.num_samples=10"))
+    reference = execute(config(tmp_path / "one", *ARGS, "task.num_samples=10", one))
     assert strip(read_jsonl(folder / "predictions.jsonl")) == strip(read_jsonl(reference / "predictions.jsonl"))
     assert (folder / "scores.json").read_bytes() == (reference / "scores.json").read_bytes()
     assert not list(folder.glob(".lock*"))
@@ -178,21 +179,21 @@ def test_preempted_shard_releases_its_lock_and_its_requeued_job_resumes(tmp_path
     assert callable(getattr(launcher.SlurmLauncher, "checkpoint", None))
     from kvbench.tasks.synthetic import Passkey
 
-    original, calls = Passkey.evaluate, {"n": 0}
+    original, calls = Passkey.record, {"n": 0}
 
-    def preempted_after_two(self, sample, generator):
+    def preempted_after_two(self, sample, *args):  # a sample's record, whatever the batch size
         if calls["n"] == 2:
             raise SystemExit(-1)
         calls["n"] += 1
-        return original(self, sample, generator)
+        return original(self, sample, *args)
 
     args = [*ARGS, "run.num_shards=2", "run.shard=0"]
-    monkeypatch.setattr(Passkey, "evaluate", preempted_after_two)
+    monkeypatch.setattr(Passkey, "record", preempted_after_two)
     with pytest.raises(SystemExit):
         execute(config(tmp_path, *args))
     folder = run_folder(tmp_path, *args)
     assert len(read_jsonl(folder / "predictions.0-of-2.jsonl")) == 2 and not list(folder.glob(".lock*"))
-    monkeypatch.setattr(Passkey, "evaluate", original)
+    monkeypatch.setattr(Passkey, "record", original)
     execute(config(tmp_path, *args))  # the requeued job
     assert json.loads((folder / "meta.0-of-2.json").read_text())["samples_this_session"] == 1
 

@@ -58,25 +58,25 @@ def test_a_resumed_run_continues_its_wandb_run_and_a_killed_one_is_marked_failed
         return finish(self, exit_code=exit_code, **kwargs)
 
     monkeypatch.setattr(wandb.Run, "finish", spy)
-    original = Passkey.evaluate
+    original = Passkey.record
     calls = {"n": 0}
 
-    def dies_after_one(self, sample, generator):
+    def dies_after_one(self, sample, *args):  # a sample's record, whatever the batch size
         if calls["n"] == 1:
             raise KeyboardInterrupt
         calls["n"] += 1
-        return original(self, sample, generator)
+        return original(self, sample, *args)
 
     overrides = ["logger=wandb", f"paths.results={tmp_path}", "task.context_tokens=300", "task.num_samples=2"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    monkeypatch.setattr(Passkey, "evaluate", dies_after_one)
+    monkeypatch.setattr(Passkey, "record", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         execute(cfg)
     assert exit_codes == [1]  # finished as failed, not as a clean (empty) run
     (kept,) = (tmp_path / "runs").glob("*/*/*/*/wandb.json")
     run_id = json.loads(kept.read_text())["id"]
-    monkeypatch.setattr(Passkey, "evaluate", original)
+    monkeypatch.setattr(Passkey, "record", original)
     time.sleep(1.1)  # W&B names an offline session's folder by the second it started: keep the two apart
     execute(cfg)
     assert exit_codes == [1, 0]
