@@ -61,8 +61,21 @@ def list_configs(argv: list[str]) -> int:
         width = max(map(len, entries), default=0)
         for name, text in entries.items():
             print(f"  {name:<{width}}  {text}")
+            if plural == "methods":
+                print(f"  {'':<{width}}    {method_facts(CONFIG_DIR / 'method' / f'{name}.yaml')}")
         print()
     return 0
+
+
+def method_facts(path: Path) -> str:
+    """A method config's stages, query awareness, extra cost and reference (kvbench.methods.info)."""
+    import yaml
+
+    from kvbench.methods import info
+
+    facts = info(yaml.safe_load(path.read_text())["name"])
+    return (f"stages {facts['stages']} | {'query-aware' if facts['query_aware'] else 'query-agnostic'} | "
+            f"extra cost: {facts['cost'] or 'none'} | {facts['reference'] or 'no reference'}")
 
 
 def run(argv: list[str]) -> int:

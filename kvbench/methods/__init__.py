@@ -8,7 +8,11 @@ from kvbench.methods.base import Method
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
 from kvbench.methods.headkv import HeadKV
+from kvbench.methods.keydiff import KeyDiff
+from kvbench.methods.knorm import Knorm
+from kvbench.methods.lagkv import LagKV
 from kvbench.methods.pyramidkv import PyramidKV
+from kvbench.methods.randomkv import Random
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.tova import TOVA
@@ -17,7 +21,8 @@ from kvbench.methods.weightedkv import WeightedKV
 
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV, HeadKV, AdaSnapKV, PyramidKV)
+    for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV, HeadKV, AdaSnapKV, PyramidKV,
+                Knorm, KeyDiff, LagKV, Random)
 }
 
 
@@ -30,4 +35,19 @@ def build(cfg) -> Method:
     return build_dataclass(REGISTRY[name], params, f"method '{name}'")
 
 
-__all__ = ["Method", "REGISTRY", "build"]
+def info(name: str) -> dict:
+    """What `kvbench list methods` shows of a method: the stages it accepts, whether it is query-aware, its
+    extra cost, its reference."""
+    cls = REGISTRY[name]
+    stages = []
+    for stage in ("prefill", "decode"):
+        try:
+            build({"name": name, "stage": stage})
+        except KVBenchError as err:  # refused for its stage, or for a setting it needs (a head-score file)
+            if "method.stage" in str(err):
+                continue
+        stages.append(stage)
+    return {"stages": "/".join(stages), "query_aware": cls.query_aware, "cost": cls.cost, "reference": cls.reference}
+
+
+__all__ = ["Method", "REGISTRY", "build", "info"]

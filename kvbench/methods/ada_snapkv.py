@@ -53,6 +53,9 @@ class AdaSnapKV(HeadwiseSnapKV):
     normalize: bool = True  # weight each head's scores by its top-B share (HeadKV's runs: normalize=True)
 
     name: ClassVar[str] = "ada_snapkv"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "SnapKV's window attention; a ragged store per head"
+    reference: ClassVar[str] = "arXiv:2407.11550; FFY0/AdaKV"
 
     def __post_init__(self):
         super().__post_init__()

@@ -43,6 +43,11 @@ class Method:
     gqa: str = "kv"  # kv: one kept set per KV head | expand: per query head (SnapKV family, as the reference codes)
 
     name: ClassVar[str] = "base"
+    # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
+    # extra work and memory beyond a forward pass, and the paper and reference code the method follows
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
     # heads keep different numbers of tokens (a ragged store); such a method defines `head_budgets`
     per_head: ClassVar[bool] = False

@@ -13,4 +13,7 @@ class Full(Method):
     """Keep every token. Budgets are ignored; results are filed under budget `full`."""
 
     name: ClassVar[str] = "full"
+    query_aware: ClassVar[bool] = False
+    cost: ClassVar[str] = "none"
+    reference: ClassVar[str] = "—"
     compresses: ClassVar[bool] = False

@@ -32,6 +32,9 @@ class H2O(Method):
     sinks_in_recent: bool = False  # take the sinks out of the recent share (WeightedKV's layout: 4 + C/2-4 + C/2)
 
     name: ClassVar[str] = "h2o"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "column sums of every query's attention (one blocked pass at the prompt, the row at decode)"
+    reference: ClassVar[str] = "arXiv:2306.14048; FMInference/H2O"
     slot_state: ClassVar[tuple[str, ...]] = ("score",)
 
     def __post_init__(self):

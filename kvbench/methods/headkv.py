@@ -86,6 +86,9 @@ class HeadKV(HeadwiseSnapKV):
     variant: str = "r2"  # which estimate the file holds: r (retrieval) or r2 (retrieval-reasoning); a label
 
     name: ClassVar[str] = "headkv"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "SnapKV's window attention; a head-score file (scripts/estimate_head_scores.py); ragged store"
+    reference: ClassVar[str] = "arXiv:2410.19258; FYYFU/HeadKV"
     _importance: torch.Tensor | None = field(default=None, init=False, repr=False)
     _caps: dict = field(default_factory=dict, init=False, repr=False)  # (B, heads, device) -> all layers' caps
 

@@ -42,6 +42,9 @@ class PyramidKV(HeadwiseSnapKV):
     pyramid_beta: int = 20
 
     name: ClassVar[str] = "pyramidkv"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "SnapKV's window attention; per-layer budgets, ragged store"
+    reference: ClassVar[str] = "arXiv:2406.02069; Zefan-Cai/KVCache-Factory"
 
     def __post_init__(self):
         super().__post_init__()

@@ -53,6 +53,9 @@ class SnapKV(Method):
     kernel: int = 7
 
     name: ClassVar[str] = "snapkv"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "attention of the last `window` queries (the question)"
+    reference: ClassVar[str] = "arXiv:2404.14469; FasterDecoding/SnapKV"
     expands: ClassVar[bool] = True
 
     def __post_init__(self):

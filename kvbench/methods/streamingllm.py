@@ -24,6 +24,9 @@ class StreamingLLM(Method):
     sinks: int = 4
 
     name: ClassVar[str] = "streamingllm"
+    query_aware: ClassVar[bool] = False
+    cost: ClassVar[str] = "none"
+    reference: ClassVar[str] = "arXiv:2309.17453; mit-han-lab/streaming-llm"
 
     def split(self, budget: int) -> tuple[int, int]:
         sinks = min(self.sinks, budget)

@@ -23,6 +23,9 @@ class TOVA(Method):
     stage: str = "decode"
 
     name: ClassVar[str] = "tova"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "the last query's attention row, every step"
+    reference: ClassVar[str] = "arXiv:2401.06104; schwartz-lab-NLP/TOVA"
     slot_state: ClassVar[tuple[str, ...]] = ("score",)
     rewritten_state: ClassVar[tuple[str, ...]] = ("score",)  # every step's row replaces every score
 

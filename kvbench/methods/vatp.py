@@ -61,6 +61,9 @@ class VATP(H2O):
     recent_window: int = 10  # scissorhands: the recent window
 
     name: ClassVar[str] = "vatp"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "H2O's (or Scissorhands') attention plus value norms"
+    reference: ClassVar[str] = "arXiv:2406.12335; guozhiyu/vatp"
     rewritten_state: ClassVar[tuple[str, ...]] = ("vnorm",)  # written for every new token
 
     @property
@@ -136,6 +139,9 @@ class Scissorhands(VATP):
     norm: str = "none"
 
     name: ClassVar[str] = "scissorhands"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "attention of the last `window` queries, accumulated"
+    reference: ClassVar[str] = "arXiv:2305.17118 (as guozhiyu/vatp runs it)"
 
     @property
     def label(self) -> str:

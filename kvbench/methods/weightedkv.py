@@ -110,6 +110,9 @@ class WeightedKV(Method):
     sinks: int = 4
 
     name: ClassVar[str] = "weightedkv"
+    query_aware: ClassVar[bool] = True
+    cost: ClassVar[str] = "column sums of attention; merges values at eviction"
+    reference: ClassVar[str] = "arXiv:2503.01330 (no official code)"
     slot_state: ClassVar[tuple[str, ...]] = ("attn", "steps")
 
     def split(self, budget: int) -> tuple[int, int]:

@@ -195,8 +195,9 @@ def test_every_registered_method_has_a_config_and_a_case():
 
     names = {build(method_config(p)).name for p in (CONFIG_DIR / "method").glob("*.yaml")}
     assert names == set(REGISTRY)
-    # weightedkv: test_weightedkv.py; per-head budgets: test_headkv.py
-    others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv"}
+    # weightedkv: test_weightedkv.py; per-head budgets: test_headkv.py; key/value scorers: test_scorers.py
+    others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv",
+              "knorm", "keydiff", "lagkv", "random"}  # test_scorers.py
     assert {c[0]["name"] for c in CASES} | others == set(REGISTRY)
 
 
