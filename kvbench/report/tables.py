@@ -8,7 +8,8 @@ Families (`kvbench.report.runs.FAMILIES`, from each run's config.yaml `task.name
 `longbench`, `ppl` (perplexity). A table never mixes families, so no average spans perplexity and
 accuracy. Columns: the sub-tasks, `Avg` (accuracy families only, and only for a row that has every
 column), and `n` (samples per run). A cell with a 95% interval (scores.json `intervals`, kvbench.tasks.stats)
-reads `52.50 ± 4.10` (half its width) in markdown and LaTeX; the CSV has `<column>_low` / `<column>_high`. Runs are labelled by model/task/method/budget as in scores.json;
+reads `52.50 ± 4.10` in markdown and LaTeX, or `83.33 [43.65, 96.99]` when the interval is not centred on the
+score (Wilson intervals of small samples); the CSV has `<column>_low` / `<column>_high`. Runs are labelled by model/task/method/budget as in scores.json;
 when two runs share those labels, a `settings` column lists the config values that tell them apart.
 After a Hydra multirun, `kvbench.report.sweep.SweepTableCallback` writes `results/tables/<sweep>_<family>.*`
 from exactly the runs of that sweep.
@@ -106,17 +107,27 @@ def interval_bounds(long: pd.DataFrame, table: pd.DataFrame) -> tuple[pd.DataFra
     return low, high
 
 
+def _cell(value, low, high) -> str | None:
+    """`52.50 ± 4.10` for an interval centred on the value (within 5% of its width), else `83.33 [43.65, 96.99]`."""
+    if pd.isna(value):
+        return None
+    if pd.isna(low) or pd.isna(high):
+        return f"{value:.2f}"
+    half = (high - low) / 2
+    if abs((low + high) / 2 - value) <= 0.05 * max(half, 1e-9):
+        return f"{value:.2f} ± {half:.2f}"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _with_intervals(table: pd.DataFrame, bounds) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(cells as text, `52.50 ± 4.10` (half the interval's width) where an interval exists; the numbers with
-    `<col>_low` / `<col>_high` columns for the CSV)."""
+    """(cells as text with their intervals (`_cell`); the numbers with `<col>_low` / `<col>_high` columns for
+    the CSV)."""
     shown, numbers = table.copy().astype(object), table.copy()
     if bounds is None:
         return shown, numbers
     low, high = bounds
     for column in [c for c in table.columns if c != "n" and low[c].notna().any()]:
-        half = (high[column] - low[column]) / 2
-        shown[column] = [None if pd.isna(v) else (f"{v:.2f}" if pd.isna(w) else f"{v:.2f} ± {w:.2f}")
-                         for v, w in zip(table[column], half)]
+        shown[column] = [_cell(v, lo, hi) for v, lo, hi in zip(table[column], low[column], high[column])]
         numbers[f"{column}_low"] = low[column].round(4)
         numbers[f"{column}_high"] = high[column].round(4)
     return shown, numbers

@@ -8,7 +8,9 @@ A sub-task's score is a statistic of resampling units, each with a key (to pair 
   tokens are not independent: a block bootstrap); statistic exp(sum NLL / tokens), the task's PPL.
 
 Intervals are percentile bootstraps: `RESAMPLES` resamples of the units with replacement, drawn by a numpy
-generator seeded with `SEED` (the same run gives the same interval on every machine). A paired comparison
+generator seeded with `SEED` (the same run gives the same interval on every machine); where every sample
+scores 0 or 1 (retrieval, exact match) the Wilson score interval of the proportion instead, which stays
+honest at 0/n and n/n and small n (a bootstrap of six zeros is the point 0). A paired comparison
 of runs A and B resamples their common units with the same draws, so the interval of B - A keeps the
 pairing; it is significant when that interval excludes 0. A sign test over the units (wins / losses, ties
 dropped, exact two-sided binomial) is reported beside it. A table's average over sub-tasks gets the
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RESAMPLES, LEVEL, SEED = 1000, 0.95, 0
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 PPL_BLOCK = 64  # tokens per resampling block of a perplexity document
 
 
@@ -81,20 +84,35 @@ def resampled(units: Units, seed: int = SEED) -> np.ndarray:
     return units.score(units.sums[draws], units.counts[draws])
 
 
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (in 0..1): right at 0/n and n/n, where a bootstrap of
+    identical samples collapses to a point."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def interval(units: Units, seed: int = SEED) -> dict:
-    """{low, high} (95% percentile bootstrap), stderr (accuracy: of the mean; perplexity: the bootstrap's
-    standard deviation) and n units."""
+    """{low, high, method}: for per-sample scores that are all 0 or 1 (retrieval, exact match, classification)
+    the Wilson score interval, else the 95% percentile bootstrap; stderr (accuracy: of the mean; perplexity:
+    the bootstrap's standard deviation) and n units."""
     n = len(units.keys)
     if n == 0:
         return {"low": None, "high": None, "stderr": None, "n_units": 0}
     values = resampled(units, seed)
     tail = 100 * (1 - LEVEL) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
+    binary = units.kind == "accuracy" and bool(np.isin(units.sums, (0.0, 1.0)).all())
+    if binary:
+        low, high = (100 * x for x in wilson(float(units.sums.sum()), n))
+    else:
+        low, high = np.percentile(values, [tail, 100 - tail])
     if units.kind == "accuracy":
         stderr = 100 * float(np.std(units.sums, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
     else:
         stderr = float(np.std(values, ddof=1))
-    return {"low": round(float(low), 4), "high": round(float(high), 4), "stderr": round(stderr, 4), "n_units": n}
+    return {"low": round(float(low), 4), "high": round(float(high), 4), "stderr": round(stderr, 4), "n_units": n,
+            "method": "wilson" if binary else "bootstrap"}
 
 
 def intervals(task, records: list[dict]) -> dict[str, dict]:

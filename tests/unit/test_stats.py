@@ -69,9 +69,14 @@ def test_tables_show_intervals_and_compare_pairs_runs(tmp_path, capsys):
     fake_run(tmp_path, "tiny", "passkey", "snapkv", "tokens64", {"passkey": 90.0}, 64, n=20, records=records(good))
     fake_run(tmp_path, "tiny", "passkey", "streamingllm", "tokens64", {"passkey": 30.0}, 64, n=20,
              records=records(poor))
+    fake_run(tmp_path, "tiny", "passkey", "h2o", "tokens64", {"passkey": 50.0}, 64, n=200,
+             records=records([0.25, 0.75] * 100))  # not 0/1 scores: a bootstrap, centred
     build_tables(tmp_path, "all")
     md = (tmp_path / "tables" / "all_retrieval.md").read_text()
-    assert "90.00 ± " in md and "30.00 ± " in md
+    z = 1.959963984540054  # Wilson by hand: 18 of 20
+    centre, half = (0.9 + z * z / 40) / (1 + z * z / 20), z * math.sqrt(0.09 / 20 + z * z / 1600) / (1 + z * z / 20)
+    assert f"90.00 [{100 * (centre - half):.2f}, {100 * (centre + half):.2f}]" in md and "30.00 [" in md
+    assert "50.00 ± 3." in md  # about 1.96 x 25 / sqrt(200) = 3.46
     csv = pd.read_csv(tmp_path / "tables" / "all_retrieval.csv")
     assert {"passkey_low", "passkey_high"} <= set(csv.columns)
     row = csv[csv["method"] == "snapkv"].iloc[0]
@@ -82,7 +87,7 @@ def test_tables_show_intervals_and_compare_pairs_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| tiny/passkey/tokens64 | tiny/passkey/tokens64 | passkey | 20 | 30.00 | 90.00 | +60.00 [" in out
     assert "| yes | 12/0/8 |" in out
-    assert compare_main(["streamingllm", "h2o", "--results", str(tmp_path)]) == 2
+    assert compare_main(["streamingllm", "tova", "--results", str(tmp_path)]) == 2
 
 
 def test_claims_are_significant_only_when_the_paired_test_says_so(tmp_path):
