@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kvbench.report.runs import collect, find_runs
@@ -89,6 +90,7 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
         return None
     plt = _plt()
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
     from matplotlib.transforms import offset_copy
 
     long = long.assign(series=long.apply(series_label, axis=1))
@@ -102,6 +104,9 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (model, subtask) in zip(axes[0], panels):
         panel = long[(long["model"] == model) & (long["subtask"] == subtask)]
+        if x == "budget_tokens" or x == "kept_per_head":
+            ax.set_xscale("log", base=2)  # before the shifted lines are drawn: their transform is built on it
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 64, not 2^6
         for series, group in panel[panel["reference"]].groupby("series"):
             for _, ref in group.iterrows():
                 ax.axhline(ref["score"], color="black", linestyle=ref_styles[series], linewidth=1, label=series)
@@ -122,8 +127,11 @@ def budget_vs_score_figure(long: pd.DataFrame, title: str = ""):
                 ax.errorbar(xs[has_ci], ys[has_ci], yerr=[(ys - group["low"])[has_ci].astype(float),
                                                           (group["high"] - ys)[has_ci].astype(float)],
                             fmt="none", ecolor=style["color"], elinewidth=0.8, capsize=2, alpha=0.8, transform=shift)
-        if x == "budget_tokens" or x == "kept_per_head":
-            ax.set_xscale("log", base=2)
+            # a shifted line does not move the axis limits by itself: its points and bars do, unshifted
+            points = (np.concatenate([xs, xs[has_ci], xs[has_ci]]),
+                      np.concatenate([ys, group["low"][has_ci], group["high"][has_ci]]))
+            ax.update_datalim(np.column_stack(points).astype(float))
+        ax.autoscale_view()
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (lower is better)" if str(subtask).startswith("ppl_") else "score")
         ax.set_title(f"{model} / {subtask}" if several_models else str(subtask), fontsize=9)

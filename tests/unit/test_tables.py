@@ -105,6 +105,12 @@ def test_plot_one_colour_per_method_reference_lines_and_numeric_panels(tmp_path)
     fig = budget_vs_score_figure(long, title="t")
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["ppl_synthetic_w32", "ppl_synthetic_w64", "ppl_synthetic_w128"]
+    for ax in panels:  # the lines drawn a few points apart still set the axes' limits
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for line in ax.get_lines():
+            assert all(y0 < y < y1 for y in line.get_ydata())
+            if line.get_xdata()[0] != 0:  # not a reference line (axes coordinates)
+                assert all(x0 < x < x1 for x in line.get_xdata())
     lines = _lines_by_label(fig)
     for method in ("h2o", "snapkv", "headkv-r"):
         assert len(lines[method]) == 3  # one line per panel
