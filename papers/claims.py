@@ -58,7 +58,8 @@ def better(long: pd.DataFrame, task: str, worse: tuple[str, str], best: tuple[st
                                np.concatenate([units[s].counts for s in common]), units[common[0]].kind)
     result = paired(pool(units_a), pool(units_b))
     lower_better = units_a[common[0]].kind == "perplexity"
-    result["significant"] = bool(result["high"] < 0) if lower_better else bool(result["low"] > 0)
+    claimed = result["high"] < 0 if lower_better else result["low"] > 0  # in the claimed direction
+    result["significant"] = bool(claimed and result["significant"])
     return result
 
 

@@ -6,9 +6,9 @@
 
 A side is a run folder, or `method[/budget]` matched among the finished runs under `--results` (the newest
 run per labels). Runs pair up by model and task (and budget, when neither side names one); each sub-task
-shows A and B on their common samples, B - A with its 95% paired-bootstrap interval, whether that excludes
-0, and B's wins / losses / ties per sample (per 64-token block for perplexity, lower is better) with the
-sign test's p-value.
+shows A and B on their common samples, B - A with its 95% paired-bootstrap interval, B's wins / losses / ties
+per sample (per 64-token block for perplexity, lower is better) with the sign test's p-value, and whether the
+difference is significant (the interval excludes 0 and p < 0.05).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def table(rows: list[tuple[str, str, list[dict]]]) -> str:
 
 def _label(folder: str) -> str:
     parts = Path(folder).parts
-    return "/".join(parts[-4:-2] + (parts[-1].rsplit("-", 1)[0],)) if len(parts) >= 4 else folder
+    return "/".join(parts[-4:-1] + (parts[-1].rsplit("-", 1)[0],)) if len(parts) >= 4 else folder
 
 
 def main(argv=None) -> int:

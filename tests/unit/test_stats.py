@@ -57,6 +57,8 @@ def test_paired_comparison():
     result = paired(a, b)
     assert result["delta"] == 50.0 and result["significant"] and result["low"] > 0
     assert (result["wins"], result["losses"], result["ties"]) == (20, 0, 20) and math.isclose(result["sign_p"], 2 / 2**20, rel_tol=1e-3)
+    few = paired(accuracy_units(records([0, 0, 0, 0, 0, 1]))["passkey"], accuracy_units(records([1] * 6))["passkey"])
+    assert few["low"] > 0 and few["sign_p"] == 0.0625 and not few["significant"]  # 5 wins of 6: not enough
     shuffled = Units(a.keys[::-1], a.sums[::-1].copy(), a.counts, a.kind)  # pairing is by key, not position
     assert paired(shuffled, a)["ties"] == 40
     ppl_a = Units(["x", "y", "z"], np.array([3.0, 3.0, 3.0]), np.ones(3), "perplexity")
@@ -85,7 +87,7 @@ def test_tables_show_intervals_and_compare_pairs_runs(tmp_path, capsys):
 
     assert compare_main(["streamingllm", "snapkv", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| tiny/passkey/tokens64 | tiny/passkey/tokens64 | passkey | 20 | 30.00 | 90.00 | +60.00 [" in out
+    assert "| tiny/passkey/streamingllm/tokens64 | tiny/passkey/snapkv/tokens64 | passkey | 20 | 30.00 | 90.00 | +60.00 [" in out
     assert "| yes | 12/0/8 |" in out
     assert compare_main(["streamingllm", "tova", "--results", str(tmp_path)]) == 2
 
