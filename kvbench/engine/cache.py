@@ -460,6 +460,10 @@ class CompressedCache(Cache):
                 return  # per-head budgets compress the full-attention layers; a sliding layer keeps its window
             scores = method.prefill_scores(layer, stats)
             if budget is not None and layer.length > budget and method.per_head:
+                if sinks or recent:  # protected in every head (each query head's, gqa: expand), whatever its budget
+                    protected = layer.protected(sinks, recent)
+                    protected = protected.repeat_interleave(scores.shape[1] // protected.shape[1], dim=1)
+                    scores = scores.float().masked_fill(protected, float("inf"))
                 budgets = method.head_budgets(layer.layer_idx, scores, budget, self.shape)
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
             elif budget is not None and layer.length > budget:

@@ -32,6 +32,7 @@ __all__ = ["Method", "ModelShape", "Victim"]
 
 STAGES = ("prefill", "decode")
 GQA_LAYOUTS = ("kv", "expand")
+HEAD_LAYOUTS = ("equal", "ada")
 POSITIONS = ("original", "shifted")
 
 
@@ -41,6 +42,10 @@ class Method:
     positions: str = "original"  # original RoPE positions, or shifted: positions inside the cache
     sinks: int = 0  # the first `sinks` positions are always kept
     gqa: str = "kv"  # kv: one kept set per KV head | expand: per query head (SnapKV family, as the reference codes)
+    # equal: every head of a layer keeps C tokens | ada: the layer's heads share H x C tokens by a global top-k of
+    # the method's scores, each head keeping at least its top ada_floor x C (Ada-KV; kvpress AdaKVPress)
+    heads: str = "equal"
+    ada_floor: float = 0.2
 
     name: ClassVar[str] = "base"
     # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
@@ -49,8 +54,8 @@ class Method:
     cost: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
-    # heads keep different numbers of tokens (a ragged store); such a method defines `head_budgets`
-    per_head: ClassVar[bool] = False
+    # takes `heads: ada` (a method with scores for every prompt token, a plain top-k cut at the prompt)
+    adapts: ClassVar[bool] = True
     # per-token tensors the cache keeps for this method, moved with their tokens
     slot_state: ClassVar[tuple[str, ...]] = ()
     # the slot states this method writes for every new token before reading them (not zeroed on write)
@@ -67,6 +72,17 @@ class Method:
             raise KVBenchError(f"method.sinks={self.sinks} must be >= 0")
         if self.gqa not in GQA_LAYOUTS:
             raise KVBenchError(f"method.gqa={self.gqa} is not one of: {', '.join(GQA_LAYOUTS)}")
+        if self.heads not in HEAD_LAYOUTS:
+            raise KVBenchError(f"method.heads={self.heads} is not one of: {', '.join(HEAD_LAYOUTS)}")
+        if self.heads == "ada":
+            if not self.adapts:
+                raise KVBenchError(f"method.heads=ada takes a method that scores every prompt token at a plain top-k "
+                                   f"cut; {self.name} does not (for SnapKV's own Ada-KV: method=ada_snapkv)")
+            if self.stage != "prefill" or self.positions != "original":
+                raise KVBenchError("method.heads=ada compresses the prompt into a ragged store: use "
+                                   "method.stage=prefill method.positions=original")
+            if not 0 <= self.ada_floor <= 1:
+                raise KVBenchError(f"method.ada_floor={self.ada_floor} must be in [0, 1]")
         if self.gqa == "expand" and self.compresses and not self.expands:
             raise KVBenchError(
                 f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
@@ -74,9 +90,30 @@ class Method:
             )
 
     @property
+    def per_head(self) -> bool:
+        """Heads keep different numbers of tokens (a ragged store, sized by `head_budgets`)."""
+        return self.heads == "ada"
+
+    @property
     def label(self) -> str:
         """The method's folder name in results/runs/ (variants that papers report as rows differ)."""
-        return self.name
+        return self.name + self.heads_suffix
+
+    @property
+    def heads_suffix(self) -> str:
+        return "-ada" if self.heads == "ada" else ""
+
+    def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor:
+        """`heads: ada` (Ada-KV as kvpress's AdaKVPress computes it): each head's top int(ada_floor x C) scores
+        are safe, then the layer's H x C kept slots go to the largest scores over all its heads (safe ones
+        first); tokens kept per head, (batch, heads) long. Protected tokens (sinks, recent) score +inf."""
+        batch, heads, n = scores.shape
+        ranked = scores.float().clone()
+        safe = ranked.topk(min(n, int(budget * self.ada_floor)), dim=-1).indices
+        ranked.scatter_(-1, safe, float("inf"))
+        chosen = ranked.reshape(batch, heads * n).topk(heads * budget, dim=-1).indices
+        counts = torch.zeros(batch, heads, dtype=torch.long, device=scores.device)
+        return counts.scatter_add_(1, chosen // n, torch.ones_like(chosen))
 
     def allocate(self, budget: Budget, prompt_len: int | None) -> tuple[int | None, int, int]:
         """(C, sinks, recent) for a prompt of `prompt_len` tokens; C None means no limit."""

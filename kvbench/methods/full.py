@@ -16,4 +16,5 @@ class Full(Method):
     query_aware: ClassVar[bool] = False
     cost: ClassVar[str] = "none"
     reference: ClassVar[str] = "—"
+    adapts: ClassVar[bool] = False  # heads: ada does not apply: keeps everything
     compresses: ClassVar[bool] = False

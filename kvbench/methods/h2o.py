@@ -64,7 +64,8 @@ class H2O(Method):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-sink{self.sinks}" if self.sinks else self.name  # VATP and Scissorhands override
+        label = f"{self.name}-sink{self.sinks}" if self.sinks else self.name  # VATP and Scissorhands override
+        return label + self.heads_suffix
 
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest(colsum=True) if phase == "prefill" else StatsRequest(row=True)

@@ -31,6 +31,7 @@ class HeadwiseSnapKV(SnapKV):
     kernel: int = 7
 
     per_head: ClassVar[bool] = True
+    adapts: ClassVar[bool] = False  # their per-head budgets are their own
 
     def prefix_caps(self, layer_idx, prefix_scores, per_head, shape: ModelShape):
         raise NotImplementedError

@@ -56,6 +56,7 @@ class SnapKV(Method):
     query_aware: ClassVar[bool] = True
     cost: ClassVar[str] = "attention of the last `window` queries (the question)"
     reference: ClassVar[str] = "arXiv:2404.14469; FasterDecoding/SnapKV"
+    adapts: ClassVar[bool] = False  # heads: ada does not apply: its per-head form is ada_snapkv
     expands: ClassVar[bool] = True
 
     def __post_init__(self):

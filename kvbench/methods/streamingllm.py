@@ -27,6 +27,7 @@ class StreamingLLM(Method):
     query_aware: ClassVar[bool] = False
     cost: ClassVar[str] = "none"
     reference: ClassVar[str] = "arXiv:2309.17453; mit-han-lab/streaming-llm"
+    adapts: ClassVar[bool] = False  # heads: ada does not apply: recency: no scores
 
     def split(self, budget: int) -> tuple[int, int]:
         sinks = min(self.sinks, budget)

@@ -80,7 +80,7 @@ class VATP(H2O):
     @property
     def label(self) -> str:
         label = self.name if self.base == "h2o" else f"{self.name}-{self.base}"
-        return label if self.norm in ("l1", "none") else f"{label}-{self.norm}"
+        return (label if self.norm in ("l1", "none") else f"{label}-{self.norm}") + self.heads_suffix
 
     def heavy_recent(self, budget, prompt_len):
         if self.base == "h2o":
@@ -145,4 +145,4 @@ class Scissorhands(VATP):
 
     @property
     def label(self) -> str:
-        return self.name
+        return self.name + self.heads_suffix

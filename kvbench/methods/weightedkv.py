@@ -113,6 +113,7 @@ class WeightedKV(Method):
     query_aware: ClassVar[bool] = True
     cost: ClassVar[str] = "column sums of attention; merges values at eviction"
     reference: ClassVar[str] = "arXiv:2503.01330 (no official code)"
+    adapts: ClassVar[bool] = False  # heads: ada does not apply: merges values at its cuts
     slot_state: ClassVar[tuple[str, ...]] = ("attn", "steps")
 
     def split(self, budget: int) -> tuple[int, int]:

@@ -134,3 +134,49 @@ def test_random_is_seeded_and_each_decode_step_draws_anew():
         kvbench_attention(module, q1, keys, values, None, scaling=SCALING, kvbench_cache=cache)
         newest_evicted += sum(40 + step not in head for row in engine_kept(cache) for head in row)
     assert newest_evicted < 20 * 4 / 2  # a fixed draw per slot would evict the newest token every step
+
+
+def ada_reference(scores, budget, floor):
+    """kvpress AdaKVPress on one sequence's scores [head][token], with loops: each head's top int(floor x C)
+    are safe, the H x C largest (safe first) are kept; returns each head's kept positions."""
+    heads, n = len(scores), len(scores[0])
+    safe = int(budget * floor)
+    ranked = []
+    for h in range(heads):
+        order = sorted(range(n), key=lambda j: (scores[h][j], j), reverse=True)
+        for rank, j in enumerate(order):
+            ranked.append((math.inf if rank < safe else scores[h][j], j, h))
+    ranked.sort(reverse=True)
+    counts = [0] * heads
+    for _, _, h in ranked[: heads * budget]:
+        counts[h] += 1
+    return [top(scores[h], list(range(n)), counts[h]) for h in range(heads)]
+
+
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize(("name", "score", "floor"), [("knorm", knorm_scores, 0.2), ("keydiff", keydiff_scores, 0.5),
+                                                      ("knorm", knorm_scores, 0.0)])
+def test_heads_ada_shares_the_layer_budget_as_kvpress_adakv(name, score, floor, hkv):
+    from tests.helpers import ragged_kept
+
+    budget, n = 12, 40
+    q, k, v, _ = random_inputs(hkv, n, steps=0, seed=11)
+    cache, _ = engine_cache({"name": name, "heads": "ada", "ada_floor": floor}, budget, k, v, q, hkv)
+    kept = ragged_kept(cache.layers[0])
+    expected = [ada_reference([score(k[b, h].tolist()) for h in range(hkv)], budget, floor) for b in range(2)]
+    assert kept == expected
+    assert sum(len(head) for head in kept[0]) == hkv * budget  # the layer keeps H x C, shared unevenly
+    assert len({len(head) for row in kept for head in row}) > 1
+    assert build({"name": name, "heads": "ada"}).label == f"{name}-ada"
+
+
+def test_heads_ada_keeps_protected_tokens_in_every_head():
+    from tests.helpers import ragged_kept
+
+    q, k, v, _ = random_inputs(2, 40, steps=0, seed=12)
+    cache, _ = engine_cache({"name": "knorm", "heads": "ada", "sinks": 3}, 12, k, v, q, 2)
+    assert all({0, 1, 2} <= set(head) for row in ragged_kept(cache.layers[0]) for head in row)
+    with pytest.raises(KVBenchError, match="method=ada_snapkv"):
+        build({"name": "snapkv", "heads": "ada"})
+    with pytest.raises(KVBenchError, match="method.stage=prefill"):
+        build({"name": "knorm", "heads": "ada", "stage": "decode"})
