@@ -132,8 +132,8 @@ def test_bad_budget_writes_nothing(tmp_path):
 def test_override_precheck_names_valid_choices():
     assert check_overrides(["method=full,streamingllm", "budget.tokens=32,64"]) is None
     assert check_overrides(["method=h2oo"]) == (
-        "unknown method 'h2oo'; choose one of: ada_snapkv, full, h2o, h2o-sink4, headkv, pyramidkv, scissorhands, "
-        "snapkv, streamingllm, tova, vatp, vatp-scissorhands, weightedkv"
+        "unknown method 'h2oo'; choose one of: ada_snapkv, full, h2o, h2o-sink4, headkv, keydiff, knorm, lagkv, "
+        "pyramidkv, random, scissorhands, snapkv, streamingllm, tova, vatp, vatp-scissorhands, weightedkv"
     )
     assert "choose one of" in check_overrides(["model=llama3"])
     assert "choose one of" in check_overrides(["task=longbenc"])

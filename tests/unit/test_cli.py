@@ -86,7 +86,7 @@ def listed_names(out: str, group: str) -> list[str]:
     for line in out.splitlines():
         if not line.startswith(" "):
             inside = line.startswith(f"{group} (")
-        elif inside and line.strip():
+        elif inside and line.strip() and not line.startswith("   "):  # deeper lines: a method's facts
             names.append(line.split()[0])
     return names
 
@@ -100,6 +100,10 @@ def test_list_methods_lists_every_method_config(capsys):
     # every registered method has a config of its own name, so every method is listed
     assert set(REGISTRY) <= set(names)
     assert not [line for line in out.splitlines() if line.startswith("tasks")]  # only the group asked
+    facts = {line.split()[0]: next_line for line, next_line in zip(out.splitlines(), out.splitlines()[1:])
+             if line.startswith("  ") and not line.startswith("   ")}
+    assert "stages prefill/decode | query-agnostic | extra cost: key norms" in facts["knorm"]
+    assert "stages prefill | query-aware" in facts["snapkv"] and "FasterDecoding/SnapKV" in facts["snapkv"]
 
 
 def test_list_all_groups(capsys):
