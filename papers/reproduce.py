@@ -155,9 +155,9 @@ def run_sweeps(table: PaperTable, scale: str, results: str, extra: list[str]) ->
     """Each pass of the experiment's Hydra multirun; a finished run is skipped, a failed one stops here."""
     experiment = table.experiment + ("" if scale == "full" else f"_{scale}")
     for overrides in table.passes:
-        cmd = [sys.executable, "-m", "kvbench.runner.run", "-m", f"experiment={experiment}", f"paths.results={results}",
+        cmd = [sys.executable, "-m", "kvbench", "run", "-m", f"experiment={experiment}", f"paths.results={results}",
                f"hydra.callbacks.sweep_table.table_name={pass_table_name(experiment, overrides)}", *overrides, *extra]
-        print("+ kvbench run " + " ".join(cmd[3:]), flush=True)
+        print("+ kvbench run " + " ".join(cmd[4:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise KVBenchError(f"the sweep of {experiment} failed (see above); fix it and rerun: finished runs are kept")
 

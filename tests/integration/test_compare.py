@@ -152,3 +152,14 @@ def test_paper_tables_say_whether_the_papers_number_is_inside_our_interval(tmp_p
     assert ours == 40.0 and 0 < half < 10
     assert headkv.loc["FullKV", ("128", "in CI")] == ("yes" if abs(ours - paper) <= half else "no")
     assert pd.isna(headkv.loc["SnapKV", ("128", "in CI")])  # no run of ours
+
+
+@pytest.mark.slow
+def test_reproduce_runs_its_sweeps_through_the_command_line(tmp_path):
+    """`kvbench reproduce EXP` runs each pass of its sweep as `kvbench run -m ...` in a subprocess (a
+    command that ran nothing went unnoticed here once: the table was all blanks and the exit status 0)."""
+    from papers.reproduce import reproduce
+
+    frame, _ = reproduce("streamingllm_sinks", "smoke", str(tmp_path), extra=["logger=none", "task.num_tokens=64"])
+    assert len(list((tmp_path / "runs").glob("*/*/*/*/scores.json"))) == 3  # 0, 1 and 4 sinks
+    assert frame[("PPL", "ours")].notna().all()
