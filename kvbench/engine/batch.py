@@ -22,6 +22,7 @@ matrix product may round differently than a single row, and agreement is reporte
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvbench.engine.architecture import text_config
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
 from kvbench.engine.session import Session, choose, forward
@@ -176,3 +178,39 @@ def _now(device) -> float:
     if device.type == "cuda":  # the kernels launched so far finished: the time is theirs
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+AUTO_BATCH = {"cuda": 16, "cpu": 8}  # batch_size=auto: at most this many sequences per decode step
+
+
+def free_memory(device) -> int | None:
+    """Bytes free now on `device` (the GPU's, or the machine's available memory), None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
+    """(most sequences per decode step, a function saying whether one more request fits now, or None).
+
+    `auto` is up to AUTO_BATCH sequences (16 on a GPU, 8 on the CPU, where decoding 8 together doubles
+    SmolLM2's throughput: docs/performance.md) while the free memory holds twice a new sequence's full-cache K
+    and V (prompt + new tokens): its prefill's working memory and its cache, as no method keeps more."""
+    if batch_size != "auto":
+        size = int(batch_size)
+        if size < 1:
+            raise ValueError(f"run.batch_size={batch_size} must be >= 1 or auto")
+        return size, None
+    config = text_config(model.config)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+    def admit(request: Request, active: int) -> bool:
+        free = free_memory(device)
+        return free is None or free > 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
+
+    return AUTO_BATCH.get(device.type, 1), admit

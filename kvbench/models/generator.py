@@ -8,7 +8,6 @@ With `method=full` the tokens equal `model.generate(do_sample=False)` (a test).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.engine import Budget, Policy, Session
-from kvbench.engine.batch import Request, decode_together
+from kvbench.engine.batch import Request, batch_plan, decode_together
 from kvbench.models.chat import wrap_chat
 
 
@@ -140,7 +139,7 @@ class Generator:
 
     def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
         """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the free
-        memory admits, at most AUTO_BATCH), yielded as (its index, it, its Generation) as each finishes.
+        memory admits, at most kvbench.engine.batch.AUTO_BATCH), yielded as (its index, it, its Generation) as each finishes.
         The tokens equal `run(prompt)`'s in float32."""
         seen: dict[int, Prompt] = {}
 
@@ -162,41 +161,3 @@ class Generator:
         """Wrap `prompt` in the chat format (when `chat`), generate greedily, return the decoded text."""
         generation = self.run(self.prompt(prompt, max_new_tokens, chat=chat, **kwargs))
         return self.decode(generation.tokens[0]), generation
-
-
-AUTO_BATCH = {"cuda": 16, "cpu": 8}  # batch_size=auto: at most this many sequences per decode step
-
-
-def free_memory(device) -> int | None:
-    """Bytes free now on `device` (the GPU's, or the machine's available memory), None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
-    """(most sequences per decode step, a function saying whether one more request fits now, or None).
-
-    `auto` is up to AUTO_BATCH sequences (16 on a GPU, 8 on the CPU, where decoding 8 together doubles
-    SmolLM2's throughput: docs/performance.md) while the free memory holds twice a new sequence's full-cache K
-    and V (prompt + new tokens): its prefill's working memory and its cache, as no method keeps more."""
-    if batch_size != "auto":
-        size = int(batch_size)
-        if size < 1:
-            raise ValueError(f"run.batch_size={batch_size} must be >= 1 or auto")
-        return size, None
-    from kvbench.engine.architecture import text_config
-
-    config = text_config(model.config)
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
-
-    def admit(request: Request, active: int) -> bool:
-        free = free_memory(device)
-        return free is None or free > 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
-
-    return AUTO_BATCH.get(device.type, 1), admit

@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from kvbench import methods, models, tasks
 from kvbench.engine import Budget
+from kvbench.engine.batch import batch_plan
 from kvbench.errors import KVBenchError
-from kvbench.models.generator import Generator, batch_plan
+from kvbench.models.generator import Generator
 from kvbench.runner import preflight
 from kvbench.runner.folder import RunFolder, read_records, run_path
 from kvbench.runner.identity import hashed_settings, run_id
