@@ -41,7 +41,7 @@ from kvbench.methods import REGISTRY, build
 from kvbench.methods.head_scores import write_head_scores
 from kvbench.models.loading import build_tiny
 
-DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv")  # evict while decoding
+DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv", "knorm", "keydiff", "random")  # evict while decoding
 PER_HEAD = ("headkv", "ada_snapkv", "pyramidkv")  # prefill cut, ragged store at decode
 
 
