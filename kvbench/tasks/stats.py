@@ -76,14 +76,18 @@ def task_units(task, records: list[dict]) -> dict[str, Units]:
     return task.units(records) if hasattr(task, "units") else accuracy_units(records)
 
 
-def _draws(n: int, seed: int = SEED) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
+def bootstrap(n: int, statistic, seed: int = SEED) -> np.ndarray:
+    """`statistic(draws)` over RESAMPLES resamples of n units (draws: (k, n) indices), drawn from one seeded
+    generator in chunks of at most 2**22 indices, so 50,000 perplexity blocks need ~32 MiB, not 400."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2**22 // max(n, 1))
+    return np.concatenate([statistic(rng.integers(0, n, size=(min(chunk, RESAMPLES - start), n)))
+                           for start in range(0, RESAMPLES, chunk)])
 
 
 def resampled(units: Units, seed: int = SEED) -> np.ndarray:
     """The sub-task's score over RESAMPLES bootstrap resamples of its units."""
-    draws = _draws(len(units.keys), seed)
-    return units.score(units.sums[draws], units.counts[draws])
+    return bootstrap(len(units.keys), lambda draws: units.score(units.sums[draws], units.counts[draws]), seed)
 
 
 def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -138,8 +142,8 @@ def paired(a: Units, b: Units, seed: int = SEED) -> dict:
     if not common:
         return {"n_units": 0, "delta": None, "low": None, "high": None, "significant": None}
     a, b = a.subset(common), b.subset(common)
-    draws = _draws(len(common), seed)
-    deltas = b.score(b.sums[draws], b.counts[draws]) - a.score(a.sums[draws], a.counts[draws])
+    deltas = bootstrap(len(common), lambda draws: b.score(b.sums[draws], b.counts[draws])
+                       - a.score(a.sums[draws], a.counts[draws]), seed)
     tail = 100 * (1 - LEVEL) / 2
     low, high = (float(x) for x in np.percentile(deltas, [tail, 100 - tail]))
     per_a, per_b = a.sums / a.counts, b.sums / b.counts
