@@ -134,6 +134,7 @@ def decode_together(model, requests: Iterable[Request], policy: Policy, budget: 
     device = next(model.parameters()).device
     pending = enumerate(requests)
     active: list[_Active] = []
+    batched: BatchedCache | None = None  # rebuilt only when the set of sequences changes
     waiting = next(pending, None)
     while active or waiting is not None:
         while waiting is not None and len(active) < batch_size and (
@@ -143,9 +144,10 @@ def decode_together(model, requests: Iterable[Request], policy: Policy, budget: 
         stepping = []
         for seq in active:  # choose each sequence's token; finished ones leave the batch
             token, is_stop = choose(seq.logits, seq.step, seq.stops, seq.request.min_new_tokens)
-            if not bool(is_stop[0]):
-                seq.decoded.tokens.append(int(token[0]))
-            if bool(is_stop[0]) or seq.step == seq.request.max_new_tokens - 1:
+            token_id, stopped = torch.cat([token, is_stop.long()]).tolist()  # one read from the device
+            if not stopped:
+                seq.decoded.tokens.append(token_id)
+            if stopped or seq.step == seq.request.max_new_tokens - 1:
                 seq.decoded.end = _now(device)
                 yield seq.index, seq.decoded
             else:
@@ -154,10 +156,13 @@ def decode_together(model, requests: Iterable[Request], policy: Policy, budget: 
         if not stepping:
             continue
         ids = torch.stack([token for _, token in stepping])  # (batch, 1)
-        if len(stepping) == 1:  # one sequence left: its own cache, exactly the batch-1 path
-            logits = forward(model, active[0].decoded.session.cache, ids)[:, -1]
+        caches = [seq.decoded.session.cache for seq in active]
+        if len(caches) == 1:  # one sequence left: its own cache, exactly the batch-1 path
+            logits = forward(model, caches[0], ids)[:, -1]
         else:
-            logits = forward(model, BatchedCache([seq.decoded.session.cache for seq in active]), ids)[:, -1]
+            if batched is None or batched.sequences != caches:
+                batched = BatchedCache(caches)
+            logits = forward(model, batched, ids)[:, -1]
         for b, seq in enumerate(active):
             seq.logits = logits[b : b + 1]
             seq.step += 1
