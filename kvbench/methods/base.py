@@ -54,6 +54,8 @@ class Method:
     cost: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
+    # the stages it is defined for (a prompt-only method scores the prompt once; `kvbench list methods` shows them)
+    stages: ClassVar[tuple[str, ...]] = STAGES
     # takes `heads: ada` (a method with scores for every prompt token, a plain top-k cut at the prompt)
     adapts: ClassVar[bool] = True
     # per-token tensors the cache keeps for this method, moved with their tokens
@@ -66,6 +68,8 @@ class Method:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise KVBenchError(f"method.stage={self.stage} is not one of: {', '.join(STAGES)}")
+        if self.stage not in self.stages:
+            raise KVBenchError(f"{self.name} compresses the prompt only: use method.stage=prefill")
         if self.positions not in POSITIONS:
             raise KVBenchError(f"method.positions={self.positions} is not one of: {', '.join(POSITIONS)}")
         if self.sinks < 0:

@@ -41,14 +41,13 @@ class LagKV(Method):
     cross_scoring: bool = False  # true: the raw scores (comparable across partitions and heads), not ranks
 
     name: ClassVar[str] = "lagkv"
+    stages: ClassVar[tuple[str, ...]] = ("prefill",)  # partitions need the next one as reference
     query_aware: ClassVar[bool] = False
     cost: ClassVar[str] = "key/value min-max spreads per partition (no attention)"
     reference: ClassVar[str] = "arXiv:2504.04704; kvpress LagKVPress"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stage != "prefill":
-            raise KVBenchError("lagkv scores the prompt partition by partition: use method.stage=prefill")
         if self.n_sink < 0 or self.lag_size < 1:
             raise KVBenchError("method.n_sink must be >= 0 and method.lag_size >= 1")
 

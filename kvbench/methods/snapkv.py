@@ -58,11 +58,10 @@ class SnapKV(Method):
     reference: ClassVar[str] = "arXiv:2404.14469; FasterDecoding/SnapKV"
     adapts: ClassVar[bool] = False  # heads: ada does not apply: its per-head form is ada_snapkv
     expands: ClassVar[bool] = True
+    stages: ClassVar[tuple[str, ...]] = ("prefill",)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.stage != "prefill":
-            raise KVBenchError(f"{self.name} compresses the prompt only: use method.stage=prefill")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise KVBenchError(f"method.kernel={self.kernel} must be an odd number >= 1")
         if self.window < 1:
