@@ -87,8 +87,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and disk_full(err, path.parent):
-            raise disk_full(err, path.parent) from err
+        full = disk_full(err, path.parent) if isinstance(err, OSError) else None
+        if full:
+            raise full from err
         raise
 
 

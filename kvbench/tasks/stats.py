@@ -106,9 +106,9 @@ def interval(units: Units, seed: int = SEED) -> dict:
     n = len(units.keys)
     if n == 0:
         return {"low": None, "high": None, "stderr": None, "n_units": 0}
-    values = resampled(units, seed)
     tail = 100 * (1 - LEVEL) / 2
     binary = units.kind == "accuracy" and bool(np.isin(units.sums, (0.0, 1.0)).all())
+    values = None if binary else resampled(units, seed)  # Wilson's needs no resampling
     if binary:
         low, high = (100 * x for x in wilson(float(units.sums.sum()), n))
     else:
