@@ -43,31 +43,37 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
 LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _style_index(label: str, known: list[str]) -> int:
-    """A label's place in the fixed style order: registered methods first (their registry order), any other
-    label (a tag, a settings suffix) by a hash of its text, the same in every figure and on every machine."""
-    import zlib
-
-    base = label.split(" [")[0]
-    if base in known:
-        return known.index(base)
-    return len(known) + zlib.crc32(label.encode()) % 97
+STYLE_COUNT = 60  # colour index period 20 (tab20) and marker / line style period 12: 60 distinct styles
 
 
 def method_styles(labels) -> dict[str, dict]:
-    """A fixed colour, marker and line style per label: the same method looks the same in every figure
-    (whatever else is plotted), and labels that share a colour differ in marker and line style."""
+    """A colour, hollow marker and line style per label, each label's own in every figure: a registered
+    method (or a run of it with a settings suffix, when the plain method is not drawn) takes its registry
+    place; any other label a place from a hash of its text, the next free one if another label of this
+    figure holds it (or, up to 20 labels, its colour). No two labels of a figure share a style (up to STYLE_COUNT
+    labels), nor a colour (up to 20)."""
+    import zlib
+
     from kvbench.methods import REGISTRY
 
-    plt = _plt()
-    cmap = plt.get_cmap("tab20")
+    labels = set(labels)
     known = [name for name in REGISTRY if name != "full"]
-    out = {}
-    for label in sorted(set(labels), key=natural_key):
-        i = _style_index(label, known)
-        out[label] = {"color": cmap((2 * i) % 20 + (i // 10) % 2), "marker": MARKERS[i % len(MARKERS)],
-                      "linestyle": LINESTYLES[(i // 3) % len(LINESTYLES)]}
-    return out
+    colour = lambda i: (2 * i) % 20 + (i // 10) % 2  # noqa: E731  (a tab20 index)
+    places: dict[str, int] = {label: known.index(label) for label in labels if label in known}
+    for label in sorted(labels - set(places), key=natural_key):
+        base = label.split(" [")[0]
+        free = STYLE_COUNT - len(known)
+        i = known.index(base) if base in known else len(known) + zlib.crc32(label.encode()) % free
+        # held by another label of this figure, or (up to 20 labels) its colour is: the next hashed place
+        for _ in range(free):  # more labels than styles: the last one tried is shared
+            if i not in places.values() and (len(places) >= 20 or colour(i) not in {colour(j) for j in places.values()}):
+                break
+            i = len(known) + (max(i - len(known), -1) + 1) % free
+        places[label] = i
+    cmap = _plt().get_cmap("tab20")
+    return {label: {"color": cmap(colour(i)), "marker": MARKERS[i % len(MARKERS)],
+                    "linestyle": LINESTYLES[(i // 3) % len(LINESTYLES)]}
+            for label, i in sorted(places.items(), key=lambda item: natural_key(item[0]))}
 
 
 def method_colours(labels) -> dict[str, tuple]:

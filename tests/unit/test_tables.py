@@ -186,3 +186,22 @@ def test_kvbench_report_writes_tables_and_the_plot(tmp_path, capsys):
     assert (tmp_path / "tables" / "mine_retrieval.md").exists()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "plots" / "mine_budget_vs_score.png").exists()
+
+
+def test_plot_styles_are_the_methods_own_in_every_figure_and_the_legend_sits_outside(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvbench.report.plots import budget_vs_score_figure, method_styles
+
+    alone = method_styles(["snapkv"])["snapkv"]
+    crowd = method_styles(["h2o", "snapkv", "tova", "knorm", "my-tagged-run"])
+    assert crowd["snapkv"] == alone  # the same method looks the same whatever else is drawn
+    assert len({(st["marker"], st["linestyle"], str(st["color"])) for st in crowd.values()}) == len(crowd)
+    for method in ("h2o", "snapkv"):  # equal scores at equal budgets: drawn apart, never on top of each other
+        fake_run(tmp_path, "tiny", "passkey", method, "tokens64", {"passkey": 50.0}, 64)
+    fig = budget_vs_score_figure(collect(find_runs(tmp_path)))
+    fig.canvas.draw()
+    ax, legend = fig.axes[0], fig.legends[0]
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # right of the axes, not over the curves
+    points = [line.get_transform().transform(line.get_xydata())[0] for line in ax.get_lines() if line.get_label() in
+              ("h2o", "snapkv")]
+    assert abs(points[0][0] - points[1][0]) > 1  # pixels apart
