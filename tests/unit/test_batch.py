@@ -76,6 +76,20 @@ def test_admission_waits_for_room_but_never_stalls(tiny_gqa):
     assert len(done) == len(LENGTHS) and max(sizes) <= 2
 
 
+def test_auto_batch_size_is_admitted_by_free_memory(tiny_gqa, monkeypatch):
+    from kvbench.engine import batch
+
+    model, _ = tiny_gqa
+    assert batch.batch_plan(model, 3, torch.device("cpu")) == (3, None)
+    size, admit = batch.batch_plan(model, "auto", torch.device("cpu"))
+    assert size == batch.AUTO_BATCH["cpu"] == 8
+    request = requests()[0]  # 40 + 12 tokens x 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 26,624 bytes
+    monkeypatch.setattr(batch, "free_memory", lambda device: 2 * 26_624 + 1)
+    assert admit(request, 1)
+    monkeypatch.setattr(batch, "free_memory", lambda device: 2 * 26_624 - 1)
+    assert not admit(request, 1)
+
+
 def test_batched_cache_gives_each_sequence_its_positions(tiny_gqa):
     model, _ = tiny_gqa
     caches = []
