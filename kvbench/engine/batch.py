@@ -95,6 +95,7 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] | list[int] = ()
     min_new_tokens: int = 0
+    question_ids: torch.Tensor | None = None  # appended after the context's compression (query-agnostic)
 
 
 @dataclass
@@ -172,8 +173,9 @@ def _prefill(model, index: int, request: Request, policy, budget, device) -> _Ac
     if request.max_new_tokens < 1:
         raise ValueError(f"request {index}: max_new_tokens={request.max_new_tokens} must be >= 1")
     start = time.perf_counter()
-    session = Session(model, policy, budget, reserve=request.max_new_tokens)
-    logits = session.prefill(request.input_ids.to(device))[:, -1]
+    question = request.question_ids
+    session = Session(model, policy, budget, reserve=request.max_new_tokens + (0 if question is None else question.shape[1]))
+    logits = session.prompt(request.input_ids.to(device), question)
     decoded = Decoded([], session, start, _now(device), prompt_kv=session.kv_summary())
     stops = torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device)
     return _Active(index, request, stops, decoded, logits)
@@ -216,6 +218,7 @@ def batch_plan(model, batch_size: int | str, device) -> tuple[int, object]:
 
     def admit(request: Request, active: int) -> bool:
         free = free_memory(device)
-        return free is None or free > 2 * per_token * (request.input_ids.shape[1] + request.max_new_tokens)
+        question = 0 if request.question_ids is None else request.question_ids.shape[1]
+        return free is None or free > 2 * per_token * (request.input_ids.shape[1] + question + request.max_new_tokens)
 
     return AUTO_BATCH.get(device.type, 1), admit

@@ -65,6 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         self.window = window  # sliding-window attention: a query at p sees keys p - window < pos <= p
         self.gaps = False  # a sliding layer holds tokens a method chose (not the newest in a row): mask by positions
         self.length = 0  # valid slots
+        self.peak = 0  # the most slots it has held at once (a prompt before its compression included)
         self.seen = 0  # tokens ever written (the next original position)
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
@@ -184,6 +185,8 @@ class CompressedLayer(CacheLayerMixin):
             self.part("rank", start, q).copy_(ranks)
         self.length += q
         self.seen += q
+        if self.length > self.peak:
+            self.peak = self.length
         return self.current_keys(), self.part("values", 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
@@ -228,7 +231,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self):
         self.kv = self.keys = self.values = self.scores = None
         self.state, self.buffers, self._parts = {}, [], {}
-        self.length = self.seen = 0
+        self.length = self.seen = self.peak = 0
         self.moved = False
         self.gaps = False
         self.ring_end, self.rotation = 0, 0
@@ -496,7 +499,7 @@ class CompressedCache(Cache):
         """Tokens and bytes stored per sequence vs the model's own cache (which keeps a sliding layer's last
         window - 1 tokens), kept tokens per layer and head, and per layer type: its layers, window, budget
         and mean kept tokens per head."""
-        kept_tokens = full_tokens = kept_bytes = full_bytes = 0
+        kept_tokens = full_tokens = kept_bytes = full_bytes = peak_tokens = 0
         per_layer, by_type = [], {}
         for layer in self.layers:
             kept = layer.kept_per_head()
@@ -506,6 +509,7 @@ class CompressedCache(Cache):
             full = layer.kv_heads * (min(layer.seen, layer.window - 1) if layer.window else layer.seen)
             kept_tokens += sum(kept)
             full_tokens += full
+            peak_tokens += max(sum(kept), layer.peak * len(kept))  # a ragged store only grows after its prompt
             kept_bytes += sum(kept) * per_token
             full_bytes += full * per_token
             per_layer.append(kept)
@@ -523,6 +527,7 @@ class CompressedCache(Cache):
             "kv_full_tokens": full_tokens,
             "kv_kept_bytes": kept_bytes,
             "kv_full_bytes": full_bytes,
+            "kv_peak_tokens": peak_tokens,  # the most tokens held at once, summed over layers and heads
             "kv_kept_per_layer_head": per_layer,
             "kv_seen_tokens": max((layer.seen for layer in self.layers), default=0),
             "kv_layer_types": by_type,

@@ -100,13 +100,25 @@ class Session:
         return self.cache.kv_summary()
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0) -> Greedy:
+    def prompt(self, input_ids: torch.Tensor, question_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward a prompt and return its last logits. With `question_ids` (query-agnostic compression), the
+        policy compresses `input_ids` (the context) alone, and the question is then appended as a block that no
+        method scores or evicts (a prefill-stage method is idle after the prefill); it is part of the prompt."""
+        logits = self.prefill(input_ids)
+        if question_ids is not None and question_ids.shape[1]:
+            logits = self.step(question_ids.to(input_ids.device))
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0,
+                 question_ids: torch.Tensor | None = None) -> Greedy:
         """Greedy decoding of a batch of equal-length prompts (batch, n): at most `max_new_tokens` per
-        sequence, a sequence ending at its first stop token (never before `min_new_tokens`)."""
+        sequence, a sequence ending at its first stop token (never before `min_new_tokens`); `question_ids`:
+        see `prompt`."""
         device = input_ids.device
         batch = input_ids.shape[0]
         stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-        logits = self.prefill(input_ids)[:, -1]
+        logits = self.prompt(input_ids, question_ids)
         if device.type == "cuda":  # the prompt's kernels finished: prefill_end times them
             torch.cuda.synchronize(device)
         prefill_end = time.perf_counter()

@@ -34,6 +34,7 @@ STAGES = ("prefill", "decode")
 GQA_LAYOUTS = ("kv", "expand")
 HEAD_LAYOUTS = ("equal", "ada")
 POSITIONS = ("original", "shifted")
+QUERY_MODES = ("aware", "agnostic")
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Method:
     # the method's scores, each head keeping at least its top ada_floor x C (Ada-KV; kvpress AdaKVPress)
     heads: str = "equal"
     ada_floor: float = 0.2
+    # aware: compress the whole prompt, question included | agnostic: compress the context alone, then append
+    # the question uncompressed and generate (kvpress's query-agnostic protocol; tasks mark where the question starts)
+    query: str = "aware"
 
     name: ClassVar[str] = "base"
     # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
@@ -74,6 +78,11 @@ class Method:
             raise KVBenchError(f"method.positions={self.positions} is not one of: {', '.join(POSITIONS)}")
         if self.sinks < 0:
             raise KVBenchError(f"method.sinks={self.sinks} must be >= 0")
+        if self.query not in QUERY_MODES:
+            raise KVBenchError(f"method.query={self.query} is not one of: {', '.join(QUERY_MODES)}")
+        if self.query == "agnostic" and self.stage != "prefill":
+            raise KVBenchError("method.query=agnostic compresses the context once, before the question: use "
+                               "method.stage=prefill (a decode-stage method evicts the question while generating)")
         if self.gqa not in GQA_LAYOUTS:
             raise KVBenchError(f"method.gqa={self.gqa} is not one of: {', '.join(GQA_LAYOUTS)}")
         if self.heads not in HEAD_LAYOUTS:
@@ -106,6 +115,11 @@ class Method:
     @property
     def heads_suffix(self) -> str:
         return "-ada" if self.heads == "ada" else ""
+
+    @property
+    def run_label(self) -> str:
+        """The label with `-agnostic` for query-agnostic compression (a row papers report apart)."""
+        return self.label + ("-agnostic" if self.query == "agnostic" else "")
 
     def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor:
         """`heads: ada` (Ada-KV as kvpress's AdaKVPress computes it): each head's top int(ada_floor x C) scores

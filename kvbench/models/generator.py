@@ -16,6 +16,7 @@ import torch
 
 from kvbench.engine import Budget, Policy, Session
 from kvbench.engine.batch import Request, batch_plan, decode_together
+from kvbench.errors import KVBenchError
 from kvbench.models.chat import wrap_chat
 
 
@@ -44,20 +45,35 @@ class Generation:
 @dataclass
 class Prompt:
     """What a task asks to generate for one sample: the prompt ids (1, n), at most `max_new_tokens`, its
-    stop tokens (EOS included) and `min_new_tokens`; `info` is what the task keeps for the sample's record."""
+    stop tokens (EOS included) and `min_new_tokens`; `info` is what the task keeps for the sample's record;
+    `question_start`: the index of the question's first token (None: the task marks no question)."""
 
     input_ids: torch.Tensor
     max_new_tokens: int
     stop_token_ids: list[int]
     min_new_tokens: int = 0
     info: dict = field(default_factory=dict)
+    question_start: int | None = None
+
+    def parts(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids the method compresses, ids appended after it): the whole prompt and None when query-aware;
+        the context and the question when query-agnostic (`method.query=agnostic`)."""
+        if query != "agnostic":
+            return self.input_ids, None
+        if self.question_start is None:
+            raise KVBenchError("method.query=agnostic compresses the context before the question, but this task "
+                               "marks no question in this prompt (perplexity; a prompt with no context; a question "
+                               "cut by truncation): use method.query=aware")
+        return self.input_ids[:, : self.question_start], self.input_ids[:, self.question_start :]
 
 
 def decode_kv(prompt: dict, end: dict) -> dict:
-    """What decoding added: tokens decoded into the cache (per sequence) and every head's cache at the end."""
+    """What decoding added: tokens decoded into the cache (per sequence), every head's cache at the end, and
+    the most it held at once (the uncompressed prompt of a prefill-stage method, budget + 1 of a decode-stage one)."""
     return {
         "kv_decoded_tokens": end["kv_seen_tokens"] - prompt["kv_seen_tokens"],
         "kv_end_kept_tokens": end["kv_kept_tokens"],
+        "kv_peak_tokens": end["kv_peak_tokens"],
     }
 
 
@@ -70,18 +86,37 @@ def generate(
     max_new_tokens: int = 32,
     stop_token_ids: tuple[int, ...] | list[int] = (),
     min_new_tokens: int = 0,
+    question_ids: torch.Tensor | None = None,
 ) -> Generation:
-    """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n) through a `Session`."""
+    """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n) through a `Session`; with
+    `question_ids`, `input_ids` is the context, compressed before the question is appended (query-agnostic)."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    session = Session(model, method, budget, reserve=max_new_tokens)
-    greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens)
+    question = 0 if question_ids is None else question_ids.shape[1]
+    session = Session(model, method, budget, reserve=max_new_tokens + question)
+    greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens,
+                              None if question_ids is None else question_ids.to(device))
     kv = {**greedy.prompt_kv, **decode_kv(greedy.prompt_kv, session.kv_summary())}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return Generation(tokens=greedy.tokens, prompt_tokens=input_ids.shape[1], seconds=time.perf_counter() - start,
+    return Generation(tokens=greedy.tokens, prompt_tokens=input_ids.shape[1] + question, seconds=time.perf_counter() - start,
                       kv=kv, prefill_seconds=greedy.prefill_end - start)
+
+
+def question_start(full: str, question: str, ids: torch.Tensor, encode) -> int | None:
+    """The index in `ids` (the encoded `full`) of the first token of the question's last occurrence in `full`:
+    the tokens `full`'s text before it encodes to, up to where they first differ from `ids` (a token that
+    spans the boundary goes to the question). A chat template may trim the message: `question` is stripped.
+    None when the question is not in `full`."""
+    at = full.rfind(question)
+    if at < 0:
+        return None
+    before = encode(full[:at])[0]
+    n = min(len(before), len(ids))
+    same = (before[:n] == ids[:n]).long()
+    start = int(same.cumprod(0).sum())
+    return max(1, min(start, len(ids) - 1))
 
 
 def starts_with_bos(text: str, tokenizer) -> bool:
@@ -125,17 +160,29 @@ class Generator:
                         min_new_tokens)
 
     def prompt(self, text: str, max_new_tokens: int, chat: bool = True, stop_token_ids=None, min_new_tokens: int = 0,
-               **info) -> Prompt:
-        """A task's generation request: `text` wrapped in the chat format (when `chat`) and encoded, with the
-        stop tokens (EOS included); `info` is what the task keeps for its record."""
-        if chat:
-            text = wrap_chat(text, self.chat_format, self.tokenizer, self.chat_template_kwargs)
-        return Prompt(self.encode(text), max_new_tokens, self.stops(stop_token_ids), min_new_tokens, info)
+               question: str | None = None, answer_prefix: str = "", **info) -> Prompt:
+        """A task's generation request: `text` wrapped in the chat format (when `chat`), then `answer_prefix`
+        (the start of the answer, after the wrapping), encoded, with the stop tokens (EOS included); `info` is
+        what the task keeps for its record. `question`: the end of `text` that is the question (after the
+        context); the prompt then records where its tokens start, for `method.query=agnostic` (not when a
+        truncation cut into it)."""
+        full = (wrap_chat(text, self.chat_format, self.tokenizer, self.chat_template_kwargs) if chat else text)
+        full += answer_prefix
+        input_ids = self.encode(full)
+        start = None
+        if question is not None and question.strip():
+            start = question_start(full, question.strip(), input_ids[0], self.encode)
+        return Prompt(input_ids, max_new_tokens, self.stops(stop_token_ids), min_new_tokens, info, start)
+
+    @property
+    def query(self) -> str:
+        return getattr(self.method, "query", "aware")
 
     def run(self, prompt: Prompt) -> Generation:
         """One prompt, alone (batch 1)."""
-        return generate(self.model, prompt.input_ids, self.method, self.budget, prompt.max_new_tokens,
-                        prompt.stop_token_ids, prompt.min_new_tokens)
+        context, question = prompt.parts(self.query)
+        return generate(self.model, context, self.method, self.budget, prompt.max_new_tokens,
+                        prompt.stop_token_ids, prompt.min_new_tokens, question)
 
     def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
         """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the free
@@ -146,7 +193,8 @@ class Generator:
         def requests():
             for i, prompt in enumerate(prompts):
                 seen[i] = prompt
-                yield Request(prompt.input_ids, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens)
+                context, question = prompt.parts(self.query)
+                yield Request(context, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens, question)
 
         device = next(self.model.parameters()).device
         size, admit = batch_plan(self.model, batch_size, device)

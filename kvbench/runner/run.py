@@ -96,7 +96,7 @@ def run_labels(cfg: dict, task, method, budget: Budget | None) -> dict:
     return {
         "model": cfg["model"]["name"],
         "task": getattr(task, "label", task.name),
-        "method": f"{method.label}-{tag}" if tag else method.label,
+        "method": f"{method.run_label}-{tag}" if tag else method.run_label,
         "budget": budget.label if budget is not None else "full",
     }
 

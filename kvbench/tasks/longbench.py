@@ -218,8 +218,10 @@ class LongBench:
             getattr(generator, "chat_template_kwargs", None),
         )
         stops, min_new = ([newline_token_id(tokenizer)], 1) if task == "samsum" else ([], 0)
+        template = SPEC["tasks"][task]["prompt"]
+        question = template.split("{context}", 1)[1].format(**sample)  # what follows the context: the question
         return generator.prompt(prompt, SPEC["tasks"][task]["max_new_tokens"], chat=False, stop_token_ids=stops,
-                                min_new_tokens=min_new, truncated=truncated)
+                                min_new_tokens=min_new, question=question, truncated=truncated)
 
     def record(self, sample: dict, prompt, generation, generator) -> dict:
         task = sample["task"]

@@ -197,13 +197,14 @@ class Passkey:
         sentences = self.fill(rng, tokenizer, self.context_tokens - fixed)
         cut = round(depth * len(sentences))
         prompt = INTRO + "".join(sentences[:cut]) + needle + "".join(sentences[cut:]) + QUESTION
-        return {"id": f"passkey-{index}", "prompt": prompt, "answer": key, "depth": round(depth, 4)}
+        return {"id": f"passkey-{index}", "prompt": prompt, "question": QUESTION, "answer": key,
+                "depth": round(depth, 4)}
 
     def samples(self, tokenizer) -> list[dict]:
         return [self.make_sample(i, tokenizer) for i in range(self.num_samples)]
 
     def prepare(self, sample: dict, generator):
-        return generator.prompt(sample["prompt"], self.max_new_tokens, chat=self.chat)
+        return generator.prompt(sample["prompt"], self.max_new_tokens, chat=self.chat, question=sample["question"])
 
     def evaluate(self, sample: dict, generator) -> dict:
         prompt = self.prepare(sample, generator)
@@ -254,4 +255,5 @@ class MultiKey(Passkey):
         body += sentences[last:]
         prompt = MULTI_INTRO + "".join(body) + question
         depth = cuts[ask] / max(1, len(sentences))
-        return {"id": f"multikey-{index}", "prompt": prompt, "answer": keys[ask], "depth": round(depth, 4)}
+        return {"id": f"multikey-{index}", "prompt": prompt, "question": question, "answer": keys[ask],
+                "depth": round(depth, 4)}
