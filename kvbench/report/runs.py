@@ -12,7 +12,8 @@ import yaml
 
 from kvbench.runner.identity import hashed_settings
 
-FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "longbench": "longbench", "perplexity": "ppl"}
+FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "niah": "retrieval", "longbench": "longbench",
+            "perplexity": "ppl"}
 COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
            "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high"]
 

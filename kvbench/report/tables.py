@@ -184,6 +184,12 @@ def main(argv=None) -> int:
         return 0
     print(render(tables))
     print(f"\nwrote {', '.join(str(p) for _, paths in tables.values() for p in paths.values())}")
+    from kvbench.report.heatmaps import niah_runs, write_heatmaps
+
+    # needle runs: their heatmaps beside the tables
+    maps = write_heatmaps(niah_runs(folders), Path(args.results[0]) / "plots" / "niah")
+    if maps:
+        print(f"wrote {len(maps)} needle heatmaps to {maps[0].parent}")
     return 0
 
 

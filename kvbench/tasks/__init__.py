@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.tasks.longbench import LongBench
+from kvbench.tasks.niah import Niah
 from kvbench.tasks.perplexity import Perplexity
 from kvbench.tasks.synthetic import MultiKey, Passkey
 
-REGISTRY = {cls.name: cls for cls in (Passkey, MultiKey, LongBench, Perplexity)}
+REGISTRY = {cls.name: cls for cls in (Passkey, MultiKey, LongBench, Perplexity, Niah)}
 
 
 def build(cfg):
