@@ -193,7 +193,29 @@ def headkv_longbench(long: pd.DataFrame) -> list[Claim]:
     return out
 
 
+NIAH_TASK, NIAH_BUDGET = "niah", "tokens128"
+
+
+def niah(long: pd.DataFrame) -> list[Claim]:
+    """Claims the 2025-26 papers make with needle heatmaps (issue 24), decided by the mean over the grid."""
+    acc = {m: score(long, NIAH_TASK, m, NIAH_BUDGET) for m in ("streamingllm", "snapkv", "snapkv-agnostic")}
+    acc["full"] = score(long, NIAH_TASK, "full", "full")
+    shown = _fmt({f"{m}": v for m, v in acc.items()}) + f" ({NIAH_TASK}, cache {NIAH_BUDGET[6:]} tokens)"
+    kept = better(long, NIAH_TASK, ("streamingllm", NIAH_BUDGET), ("snapkv", NIAH_BUDGET))
+    aware = better(long, NIAH_TASK, ("snapkv-agnostic", NIAH_BUDGET), ("snapkv", NIAH_BUDGET))
+    return [
+        Claim("SnapKV keeps the needle where StreamingLLM loses it (needle heatmap, same cache)",
+              None if acc["snapkv"] is None or acc["streamingllm"] is None else acc["snapkv"] > acc["streamingllm"],
+              shown, _all_significant([kept]), f"snapkv - streamingllm: {_ci(kept)}"),
+        Claim("Query-agnostic compression scores below query-aware at the same budget on needle tasks (SnapKV)",
+              None if acc["snapkv"] is None or acc["snapkv-agnostic"] is None
+              else acc["snapkv-agnostic"] < acc["snapkv"], shown, _all_significant([aware]),
+              f"snapkv (aware) - snapkv-agnostic: {_ci(aware)}"),
+    ]
+
+
 CLAIMS = {
+    "niah": niah,
     "streamingllm_sinks": streamingllm_sinks,
     "weightedkv_ppl": weightedkv_ppl,
     "vatp_longbench": vatp_longbench,

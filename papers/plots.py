@@ -11,7 +11,9 @@
 - `value_norms`: the per-layer distribution of value-vector ℓ1 norms with the attention-sink tokens
   marked (VATP's motivating figure, arXiv 2406.12335), from results/analysis/value_norms_*.json;
 - `ppl_over_position`: perplexity over token position (StreamingLLM, arXiv 2309.17453), from the
-  `nll_by_position` buckets in a perplexity run's scores.json.
+  `nll_by_position` buckets in a perplexity run's scores.json;
+- `niah_heatmaps`: needle-in-a-haystack heatmaps, context length x depth, every method side by side
+  (KVCache-Factory's needle figure), from the `grid` of each niah run's scores.json.
 Each returns the PNG's path, or None when results/ holds nothing to draw.
 """
 
@@ -153,7 +155,21 @@ def ppl_over_position(results="results") -> Path | None:
     return _save(fig, Path(results) / "plots" / "paper_ppl_over_position.png")
 
 
-FIGURES = (score_vs_budget, ppl_vs_cache, head_budget_heatmap, value_norms, ppl_over_position)
+def niah_heatmaps(results="results") -> Path | None:
+    """Needle-in-a-haystack heatmaps (context length x depth, KVCache-Factory's figure): every run's under
+    results/plots/niah/ (kvbench.report.heatmaps), and the first model's methods side by side here."""
+    import shutil
+
+    from kvbench.report.heatmaps import niah_runs, write_heatmaps
+
+    written = write_heatmaps(niah_runs(find_runs(results)), Path(results) / "plots" / "niah")
+    side_by_side = next((p for p in written if p.name.endswith("_methods.png")), None)
+    if side_by_side is None:
+        return None
+    return Path(shutil.copyfile(side_by_side, Path(results) / "plots" / "paper_niah_heatmaps.png"))
+
+
+FIGURES = (score_vs_budget, ppl_vs_cache, head_budget_heatmap, value_norms, ppl_over_position, niah_heatmaps)
 
 
 def make_all(results="results") -> dict[str, Path | None]:

@@ -197,11 +197,16 @@ def write_analysis(table: PaperTable, scale: str, results: str) -> None:
 
 def reproduce(name: str, scale: str = "full", results: str = "results", run: bool = True,
               extra: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
-    if name not in PAPER_TABLES:
-        raise KVBenchError(f"no paper table for experiment '{name}'; choose one of: {', '.join(PAPER_TABLES)}")
+    from papers.claims import CLAIMS
+
     if scale not in SCALES:
         raise KVBenchError(f"SCALE={scale} is not one of: {', '.join(SCALES)}")
-    table = PAPER_TABLES[name]
+    if name not in PAPER_TABLES and not (scale == "cpu" and name in CLAIMS):
+        claims_only = sorted(set(CLAIMS) - set(PAPER_TABLES))
+        raise KVBenchError(f"no paper table for experiment '{name}'; choose one of: {', '.join(PAPER_TABLES)} "
+                           f"(claims at SCALE=cpu only: {', '.join(claims_only)})")
+    # claims with no paper numbers to compare (the needle heatmaps): the experiment's sweep and its claim rows
+    table = PAPER_TABLES.get(name) or PaperTable(experiment=name, csv="", index=[], base={}, rows={}, columns={})
     if scale == "smoke" and table.smoke is None:
         raise KVBenchError(f"{name} has no smoke scale (its methods need a real model); run it with SCALE=full")
     if scale == "cpu":  # the paper's claims on SmolLM2: one row each, no paper layout

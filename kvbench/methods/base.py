@@ -118,8 +118,9 @@ class Method:
 
     @property
     def run_label(self) -> str:
-        """The label with `-agnostic` for query-agnostic compression (a row papers report apart)."""
-        return self.label + ("-agnostic" if self.query == "agnostic" else "")
+        """The label with `-agnostic` for query-agnostic compression (a row papers report apart; a full cache
+        is the same either way)."""
+        return self.label + ("-agnostic" if self.query == "agnostic" and self.compresses else "")
 
     def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor:
         """`heads: ada` (Ada-KV as kvpress's AdaKVPress computes it): each head's top int(ada_floor x C) scores

@@ -24,6 +24,7 @@ download), or any folder of .txt files read in sorted order as the reference rea
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,14 @@ def rouge1_f(needle: str, response: str) -> float:
     """run_needle_in_haystack.py's score: ROUGE-1 F (rouge_score, stemmed) x 10; 0 for an empty response."""
     if not response:
         return 0.0
+    return _scorer().score(needle, response)["rouge1"].fmeasure * 10
+
+
+@functools.cache
+def _scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True).score(needle, response)["rouge1"].fmeasure * 10
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from kvbench.runner.run import execute
 pytest.importorskip("matplotlib")
 NOTEBOOK = CONFIG_DIR.parent / "notebooks" / "paper_plots.ipynb"
 PNGS = {"paper_score_vs_budget.png", "paper_ppl_vs_cache.png", "paper_head_budgets.png", "paper_value_norms.png",
-        "paper_ppl_over_position.png"}
+        "paper_ppl_over_position.png", "paper_niah_heatmaps.png"}
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,8 @@ def results(tmp_path_factory):
     runs = [["task.context_tokens=300", "task.num_samples=2", "method=snapkv", f"budget.tokens={b}"] for b in (32, 64)]
     runs += [["task=ppl_synthetic", "task.num_samples=2", "task.num_tokens=64", "method=streamingllm",
               f"budget.tokens={b}"] for b in (16, 32)]
+    runs += [["task=niah", "task.haystack=grammar", "task.lengths=[260,300]", "task.depth_intervals=2",
+              "task.max_new_tokens=2", f"method={m}", "budget.tokens=32"] for m in ("full", "snapkv")]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for overrides in runs:
             execute(compose("config", overrides=["logger=none", f"paths.results={root}", *overrides]))
