@@ -59,7 +59,7 @@ def _panel(ax, run: dict, cmap, show_y: bool = True):
     ax.set_xlabel("context length (tokens)", fontsize=8)
     if show_y:
         ax.set_ylabel("needle depth (%)", fontsize=8)
-    ax.set_title(f"{run['method']} @ {run['budget']}  (mean {run['score']:.1f})", fontsize=8)
+    ax.set_title(f"{run['method']}\n@ {run['budget']} (mean {run['score']:.1f})", fontsize=8)
     return image
 
 
@@ -108,7 +108,7 @@ def write_heatmaps(runs: list[dict], out_dir: str | Path) -> list[Path]:
         for k, (ax, run) in enumerate(zip(axes[0], members)):
             image = _panel(ax, run, cmap, show_y=k == 0)
         fig.colorbar(image, ax=list(axes[0]), label="score", fraction=0.02)
-        fig.suptitle(f"{model} · {task}: needle in a haystack", fontsize=9)
+        fig.suptitle(f"{model} · {task}: needle in a haystack", fontsize=9, y=1.08)
         written.append(_save(fig, out_dir / f"{_name(model, task, 'methods')}.png"))
     return written
 
