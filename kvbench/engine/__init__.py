@@ -15,8 +15,8 @@ Public API (documented in docs/api.md, tested as public):
 from kvbench.engine.attention import install
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
-from kvbench.engine.session import Session, cache_argument, forward
+from kvbench.engine.session import Sampling, Session, cache_argument, forward
 from kvbench.engine.types import LayerView, ModelShape, Policy, Stats, StatsRequest, Victim
 
-__all__ = ["Budget", "CompressedCache", "LayerView", "ModelShape", "Policy", "Session", "Stats", "StatsRequest",
+__all__ = ["Budget", "CompressedCache", "LayerView", "ModelShape", "Policy", "Sampling", "Session", "Stats", "StatsRequest",
            "Victim", "cache_argument", "forward", "install"]

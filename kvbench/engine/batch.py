@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvbench.engine.architecture import text_config
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
-from kvbench.engine.session import Session, choose, forward
+from kvbench.engine.session import Sampling, Session, choose, forward
 from kvbench.engine.types import Policy
 
 
@@ -88,14 +88,15 @@ class BatchedCache(Cache):
 
 @dataclass
 class Request:
-    """One greedy generation: a prompt (1, n), at most `max_new_tokens`, ending at a stop token (never
-    before `min_new_tokens`)."""
+    """One generation (greedy unless `sampling`): a prompt (1, n), at most `max_new_tokens`, ending at a
+    stop token (never before `min_new_tokens`)."""
 
     input_ids: torch.Tensor
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] | list[int] = ()
     min_new_tokens: int = 0
     question_ids: torch.Tensor | None = None  # appended after the context's compression (query-agnostic)
+    sampling: Sampling | None = None  # None: greedy; its own generator, so alone and batched draw alike
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _Active:
     decoded: Decoded
     logits: torch.Tensor  # (1, vocab): the logits of the next token
     step: int = 0
+    sampling: Sampling | None = None  # the request's, with its own generator
 
 
 @torch.inference_mode()
@@ -144,7 +146,7 @@ def decode_together(model, requests: Iterable[Request], policy: Policy, budget: 
             waiting = next(pending, None)
         stepping = []
         for seq in active:  # choose each sequence's token; finished ones leave the batch
-            token, is_stop = choose(seq.logits, seq.step, seq.stops, seq.request.min_new_tokens)
+            token, is_stop = choose(seq.logits, seq.step, seq.stops, seq.request.min_new_tokens, seq.sampling)
             token_id, stopped = torch.cat([token, is_stop.long()]).tolist()  # one read from the device
             if not stopped:
                 seq.decoded.tokens.append(token_id)
@@ -178,7 +180,8 @@ def _prefill(model, index: int, request: Request, policy, budget, device) -> _Ac
     logits = session.prompt(request.input_ids.to(device), question)
     decoded = Decoded([], session, start, _now(device), prompt_kv=session.kv_summary())
     stops = torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device)
-    return _Active(index, request, stops, decoded, logits)
+    sampling = None if request.sampling is None else request.sampling.fresh()
+    return _Active(index, request, stops, decoded, logits, sampling=sampling)
 
 
 def _now(device) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,12 +51,45 @@ def forward(model, cache: CompressedCache, input_ids: torch.Tensor, logits_to_ke
     return out.logits
 
 
-def choose(logits: torch.Tensor, step: int, stops: torch.Tensor, min_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy choice from the last logits (batch, vocab) at decode `step`: (tokens, is_stop), both (batch,).
-    Stop tokens are masked before `min_new_tokens` (in place)."""
+@dataclass
+class Sampling:
+    """Sampling instead of greedy choice: softmax(logits / temperature) cut to the `top_k` tokens and the
+    smallest set of probability >= `top_p` (transformers' order: temperature, top-k, top-p), drawn with
+    its own generator seeded by `seed`, so a sequence draws the same tokens alone or in a batch."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    generator: torch.Generator | None = None
+
+    def fresh(self) -> Sampling:
+        """A copy whose generator starts again from `seed` (one per generation)."""
+        return replace(self, generator=None)
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of `logits` (batch, vocab)."""
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        logits = logits.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)  # mass ranked above each
+            cut = (before >= self.top_p).scatter(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(cut, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0]
+
+
+def choose(logits: torch.Tensor, step: int, stops: torch.Tensor, min_new_tokens: int,
+           sampling: Sampling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token from the last logits (batch, vocab) at decode `step`: greedy, or drawn by `sampling`;
+    (tokens, is_stop), both (batch,). Stop tokens are masked before `min_new_tokens` (in place)."""
     if step < min_new_tokens and len(stops):
         logits[:, stops] = float("-inf")
-    token = logits.argmax(dim=-1)
+    token = logits.argmax(dim=-1) if sampling is None else sampling.draw(logits)
     return token, torch.isin(token, stops) if len(stops) else torch.zeros_like(token, dtype=torch.bool)
 
 
@@ -111,13 +144,14 @@ class Session:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids=(), min_new_tokens: int = 0,
-                 question_ids: torch.Tensor | None = None) -> Greedy:
-        """Greedy decoding of a batch of equal-length prompts (batch, n): at most `max_new_tokens` per
-        sequence, a sequence ending at its first stop token (never before `min_new_tokens`); `question_ids`:
-        see `prompt`."""
+                 question_ids: torch.Tensor | None = None, sampling: Sampling | None = None) -> Greedy:
+        """Greedy decoding (or `sampling`) of a batch of equal-length prompts (batch, n): at most
+        `max_new_tokens` per sequence, a sequence ending at its first stop token (never before
+        `min_new_tokens`); `question_ids`: see `prompt`."""
         device = input_ids.device
         batch = input_ids.shape[0]
         stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        sampling = None if sampling is None else sampling.fresh()
         logits = self.prompt(input_ids, question_ids)
         if device.type == "cuda":  # the prompt's kernels finished: prefill_end times them
             torch.cuda.synchronize(device)
@@ -126,7 +160,7 @@ class Session:
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            next_token, is_stop = choose(logits, step, stops, min_new_tokens)
+            next_token, is_stop = choose(logits, step, stops, min_new_tokens, sampling)
             for i, token in enumerate(next_token.tolist()):
                 if not done[i] and not is_stop[i]:
                     tokens[i].append(token)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbench.engine import Budget, Policy, Session
+from kvbench.engine import Budget, Policy, Sampling, Session
 from kvbench.engine.batch import Request, batch_plan, decode_together
 from kvbench.errors import KVBenchError
 from kvbench.models.chat import wrap_chat
@@ -54,6 +54,7 @@ class Prompt:
     min_new_tokens: int = 0
     info: dict = field(default_factory=dict)
     question_start: int | None = None
+    sampling: Sampling | None = None  # None: greedy
 
     def parts(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ids the method compresses, ids appended after it): the whole prompt and None when query-aware;
@@ -87,6 +88,7 @@ def generate(
     stop_token_ids: tuple[int, ...] | list[int] = (),
     min_new_tokens: int = 0,
     question_ids: torch.Tensor | None = None,
+    sampling: Sampling | None = None,
 ) -> Generation:
     """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n) through a `Session`; with
     `question_ids`, `input_ids` is the context, compressed before the question is appended (query-agnostic)."""
@@ -96,7 +98,7 @@ def generate(
     question = 0 if question_ids is None else question_ids.shape[1]
     session = Session(model, method, budget, reserve=max_new_tokens + question)
     greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens,
-                              None if question_ids is None else question_ids.to(device))
+                              None if question_ids is None else question_ids.to(device), sampling)
     kv = {**greedy.prompt_kv, **decode_kv(greedy.prompt_kv, session.kv_summary())}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,7 +184,7 @@ class Generator:
         """One prompt, alone (batch 1)."""
         context, question = prompt.parts(self.query)
         return generate(self.model, context, self.method, self.budget, prompt.max_new_tokens,
-                        prompt.stop_token_ids, prompt.min_new_tokens, question)
+                        prompt.stop_token_ids, prompt.min_new_tokens, question, prompt.sampling)
 
     def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
         """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the free
@@ -194,7 +196,8 @@ class Generator:
             for i, prompt in enumerate(prompts):
                 seen[i] = prompt
                 context, question = prompt.parts(self.query)
-                yield Request(context, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens, question)
+                yield Request(context, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens, question,
+                              prompt.sampling)
 
         device = next(self.model.parameters()).device
         size, admit = batch_plan(self.model, batch_size, device)

@@ -152,3 +152,32 @@ def test_tasks_mark_their_question():
         assert 0 < context.shape[1] < prompt.input_ids.shape[1]
         assert sample["input"][-20:].strip() in generator.decode(question[0].tolist()) or not sample["input"].strip()
     assert {s["task"] for s in samples} == set(__import__("kvbench.tasks.longbench", fromlist=["TASKS"]).TASKS)
+
+
+def test_sampling_is_seeded_and_batched_alike(model):
+    """Sampling (temperature, top-k, top-p): the same seed draws the same tokens alone, again, and in a batch;
+    another seed draws others; top_k=1 is greedy."""
+    from kvbench.engine import Sampling
+
+    method, budget = build({"name": "snapkv", "window": 8}), Budget(tokens=16)
+    requests = [Request(ids(n, n), 12, [], 0, None, Sampling(temperature=1.3, top_p=0.9, top_k=50, seed=n))
+                for n in (40, 31, 52)]
+    together = dict(decode_together(model, requests, method, budget, batch_size=3))
+    for i, r in enumerate(requests):
+        alone = Session(model, method, budget, reserve=12).generate(r.input_ids, 12, sampling=r.sampling).tokens[0]
+        again = Session(model, method, budget, reserve=12).generate(r.input_ids, 12, sampling=r.sampling).tokens[0]
+        assert together[i].tokens == alone == again
+    other = Session(model, method, budget, reserve=12).generate(requests[0].input_ids, 12,
+                                                                sampling=Sampling(1.3, 0.9, 50, seed=99)).tokens[0]
+    assert other != together[0].tokens
+    greedy = Session(model, method, budget, reserve=12).generate(requests[0].input_ids, 12).tokens[0]
+    assert Session(model, method, budget, reserve=12).generate(
+        requests[0].input_ids, 12, sampling=Sampling(top_k=1, seed=5)).tokens[0] == greedy
+
+
+def test_top_p_keeps_the_smallest_set_over_p():
+    from kvbench.engine import Sampling
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = {int(Sampling(top_p=0.75, seed=s).draw(probs.log())) for s in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.75 <= 0.8: the first two tokens, never the others
