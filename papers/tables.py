@@ -62,6 +62,10 @@ def _wkv_task(dataset: str, window: int) -> str:
     return f"ppl_{dataset}_w{window}"
 
 
+RULER_COMPRESSION = {"0%": None, "25%": 0.75, "50%": 0.5, "80%": 0.2, "90%": 0.1}  # kvpress's ratio -> kvbench's kept share
+RULER_METHODS = {"Uncompressed": "full", "KVzip": None, "SnapKV": "snapkv-agnostic",
+                 "Ada-SnapKV": "ada_snapkv-agnostic", "ExpectedAttention": None, "Ada-ExpectedAttention": None}
+
 PAPER_TABLES = {
     "weightedkv_ppl": PaperTable(  # arXiv 2503.01330, Table I
         experiment="weightedkv_ppl", csv="weightedkv_table1.csv", index=["cache", "method"],
@@ -100,6 +104,14 @@ PAPER_TABLES = {
         smoke={"model": {"llama3-8b-instruct": "tiny"},
                "method": {ours: f"{ours}-smoke" for ours in HEADKV_METHODS.values()},  # run.tag of the smoke config
                "budget": {f"tokens{b}": f"tokens{s}" for b, s in zip(HEADKV_BUDGETS, HEADKV_SMOKE_BUDGETS)}},
+    ),
+    "ruler": PaperTable(  # kvpress's RULER-4k leaderboard numbers (PR #38, #93), Llama-3.1-8B-Instruct, 13-task mean
+        experiment="ruler", csv="kvpress_ruler.csv", index=["method"],
+        base={"model": "llama3.1-8b-instruct", "task": "ruler_4096", "subtask": AVG},
+        rows={paper: None if ours is None else {"method": ours, "budget_any": ours == "full"}
+              for paper, ours in RULER_METHODS.items()},
+        columns={c: {"budget": "full" if r is None else f"ratio{r:g}"} for c, r in RULER_COMPRESSION.items()},
+        layout="kvbench keeps the share 1 - compression of each context (budget.ratio), query-agnostic as kvpress.",
     ),
     "streamingllm_sinks": PaperTable(  # arXiv 2309.17453, attention-sink ablation
         experiment="streamingllm_sinks", csv="streamingllm_sinks.csv", index=["sinks+window"],
