@@ -13,9 +13,9 @@ import yaml
 from kvbench.runner.identity import hashed_settings
 
 FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "niah": "retrieval", "longbench": "longbench",
-            "perplexity": "ppl", "ruler": "ruler"}
+            "perplexity": "ppl", "ruler": "ruler", "math": "reasoning"}
 COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
-           "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high"]
+           "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high", "kv_end", "kv_peak"]
 
 
 
@@ -37,13 +37,15 @@ def _flatten(tree, prefix="") -> dict:
     return out
 
 
-def _kv_figures(folder: Path) -> tuple[float | None, float | None]:
-    """Mean prompt tokens kept per (layer, KV head) and the prompt's kv_ratio, from meta.json."""
+def _kv_figures(folder: Path) -> dict:
+    """From meta.json: mean prompt tokens kept per (layer, KV head), the prompt's kv_ratio, and what a
+    sequence held per (layer, KV head) at the end of generation and at its peak."""
     path = folder / "meta.json"
     kv = json.loads(path.read_text()).get("kv", {}) if path.exists() else {}
     grid = kv.get("kv_kept_tokens_per_layer_head")
     kept = sum(map(sum, grid)) / sum(map(len, grid)) if grid else None
-    return (round(kept, 2) if kept is not None else None), kv.get("kv_ratio")
+    return {"kept_per_head": round(kept, 2) if kept is not None else None, "kv_ratio": kv.get("kv_ratio"),
+            "kv_end": kv.get("kv_end_tokens_per_head"), "kv_peak": kv.get("kv_peak_tokens_per_head")}
 
 
 def load_run(folder: Path) -> list[dict]:
@@ -52,7 +54,6 @@ def load_run(folder: Path) -> list[dict]:
     cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     budget = cfg.get("budget") or {}
     method_name = (cfg.get("method") or {}).get("name") or str(scores.get("method"))
-    kept, ratio = _kv_figures(folder)
     base = {
         "model": scores.get("model", (cfg.get("model") or {}).get("name")),
         "task": scores.get("task"),
@@ -65,8 +66,7 @@ def load_run(folder: Path) -> list[dict]:
         "family": family_of((cfg.get("task") or {}).get("name"), scores.get("task")),
         "reference": method_name == "full",  # a full cache, whatever its tag: a reference line, not a method
         "settings": "",
-        "kept_per_head": kept,
-        "kv_ratio": ratio,
+        **_kv_figures(folder),
         "_config": _flatten(hashed_settings(cfg)),
     }
     intervals = scores.get("intervals") or {}  # 95% bootstrap per sub-task (runs before it: none)

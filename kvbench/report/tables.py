@@ -76,6 +76,9 @@ def pivot(long: pd.DataFrame, subtask_order: list[str] | None = None) -> pd.Data
     table = table[columns + rest]
     if len(table.columns) > 1 and not set(long["family"]) & NO_AVERAGE:
         table["Avg"] = table.mean(axis=1).round(2).where(table.notna().all(axis=1))
+    if "reasoning" in set(long["family"]):  # long generation: the KV a sequence really held, per (layer, KV head)
+        for column, key in (("KV end", "kv_end"), ("KV peak", "kv_peak")):
+            table[column] = long.groupby(index, dropna=False)[key].mean().round(1).reindex(table.index)
     table["n"] = long.groupby(index, dropna=False)["n"].agg(_n_cell).reindex(table.index)
     table.columns.name = None
     refs = set(long.loc[long["reference"], "method"])

@@ -61,9 +61,17 @@ def kv_meta(records: list[dict]) -> dict:
     kv_kept_tokens / kv_full_tokens / bytes, kv_ratio and the per-(layer, head) grids count the
     prompt alone (the cache right after prefill and its compression), so a head's budget is not
     inflated by the answer; kv_decoded_tokens sums the tokens decoded into the cache (per sequence)
-    and kv_end_kept_tokens the cache at the end of generation (over every layer and head)."""
-    keys = ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes", "kv_decoded_tokens", "kv_end_kept_tokens")
+    and kv_end_kept_tokens the cache at the end of generation (over every layer and head), kv_peak_tokens the
+    most it held at once; kv_end/peak_tokens_per_head: one sequence's, per (layer, KV head), mean over samples."""
+    keys = ("kv_kept_tokens", "kv_full_tokens", "kv_kept_bytes", "kv_full_bytes", "kv_decoded_tokens", "kv_end_kept_tokens",
+            "kv_peak_tokens")
     sums = {k: sum(r.get(k, 0) for r in records) for k in keys}
+    # what one sequence held per (layer, KV head), on average over samples: at the end and at its peak
+    cells = [(r, sum(len(row) for row in r["kv_kept_per_layer_head"])) for r in records if r.get("kv_kept_per_layer_head")]
+    for key, out in (("kv_end_kept_tokens", "kv_end_tokens_per_head"), ("kv_peak_tokens", "kv_peak_tokens_per_head")):
+        values = [r[key] / n for r, n in cells if key in r and n]
+        if values:
+            sums[out] = round(sum(values) / len(values), 2)
     sums["kv_ratio"] = round(sums["kv_kept_bytes"] / sums["kv_full_bytes"], 6) if sums["kv_full_bytes"] else None
     sums["kv_prompt_only"] = all("kv_decoded_tokens" in r for r in records if "kv_kept_tokens" in r)  # older records: no
     fractions, grids = [], []  # per record: kept / prompt tokens of each (layer, head); every head sees the prompt
