@@ -4,8 +4,10 @@ scripts/data/synthetic/json/download_qa_dataset.sh does:
     python scripts/prepare_ruler_qa.py                 # -> data/ruler/squad.json, data/ruler/hotpotqa.json
     kvbench run task=ruler task.qa_dir=data/ruler ...
 
-Without the files kvbench reads the same data from the Hugging Face cache (rajpurkar/squad_v2,
-hotpotqa/hotpot_qa): `python -c "import datasets; datasets.load_dataset('rajpurkar/squad_v2')"` fills it.
+Without the files kvbench reads the same data from the Hugging Face cache (rajpurkar/squad_v2 validation,
+hotpotqa/hotpot_qa distractor validation), which this fills instead:
+
+    python -c "import datasets as d; d.load_dataset('rajpurkar/squad_v2', split='validation'); d.load_dataset('hotpotqa/hotpot_qa', 'distractor', split='validation')"
 """
 
 import argparse

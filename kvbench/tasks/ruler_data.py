@@ -177,17 +177,21 @@ class Sizer:
         """A sample at `size`, shrunk by `incremental` until it fits (each try draws a new one), as the scripts'
         retry loop: at or below `incremental` the scripts draw again at the same size for ever; kvbench gives up
         after MAX_RETRIES draws with one error."""
-        retries = 0
+        retries, length = 0, None
         while True:
-            out = make(size)
-            length = self.count(out[0]) + extra
-            if length <= max_len:
-                return out, length
+            try:
+                out = make(size)
+                length = self.count(out[0]) + extra
+                if length <= max_len:
+                    return out, length
+            except ValueError:  # a draw that cannot be made (fewer documents than a question's own): RULER's
+                length = None   # bare except steps down the same way
             if size > incremental:
                 size -= incremental
             elif (retries := retries + 1) > MAX_RETRIES:
-                raise KVBenchError(f"RULER {self.task}: even the smallest haystack gives {length} tokens > "
-                                   f"{max_len} with this tokenizer; raise task.context_tokens")
+                got = f"gives {length} tokens > {max_len}" if length else "cannot hold a sample's own documents"
+                raise KVBenchError(f"RULER {self.task}: even the smallest haystack {got} with this tokenizer (RULER's "
+                                   "script retries for ever); raise task.context_tokens")
 
 
 # ----------------------------------------------------------------------------- niah.py
@@ -473,7 +477,8 @@ def make_qa(task: str, tokenizer, max_seq_length: int, num_samples: int, seed: i
         return full_template.format(context=context, query=q["query"]), q["outputs"]
 
     if len(questions) < pre_samples + num_samples:
-        raise KVBenchError(f"RULER {task}: {len(questions)} answerable questions, fewer than {num_samples} samples")
+        raise KVBenchError(f"RULER {task}: {len(questions)} answerable questions, fewer than the "
+                           f"{pre_samples + num_samples} samples asked; lower task.num_samples")
     sizer = Sizer(tokenizer, task)
     size = sizer.search(lambda n: make(0, n), 10, max_seq_length, tokens)
     records = []
