@@ -13,7 +13,7 @@ import yaml
 from kvbench.runner.identity import hashed_settings
 
 FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "niah": "retrieval", "longbench": "longbench",
-            "perplexity": "ppl", "ruler": "ruler", "math": "reasoning"}
+            "perplexity": "ppl", "ruler": "ruler", "math": "reasoning", "longbench_v2": "longbench_v2"}
 COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
            "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high", "kv_end", "kv_peak"]
 

@@ -36,6 +36,7 @@ def natural_key(text) -> tuple:
 
 
 NO_AVERAGE = {"ppl"}  # families whose scores must not be averaged (perplexities)
+OVERLAPPING = {"longbench_v2"}  # columns that are views of the same questions (overall, easy, hard, ...): no Avg
 
 
 def _budget_order(label: str) -> tuple:
@@ -74,7 +75,7 @@ def pivot(long: pd.DataFrame, subtask_order: list[str] | None = None) -> pd.Data
     if set(long["family"]) & NO_AVERAGE:
         rest = sorted(rest, key=natural_key)  # ppl_x_w32, ppl_x_w64, ppl_x_w128
     table = table[columns + rest]
-    if len(table.columns) > 1 and not set(long["family"]) & NO_AVERAGE:
+    if len(table.columns) > 1 and not set(long["family"]) & (NO_AVERAGE | OVERLAPPING):
         table["Avg"] = table.mean(axis=1).round(2).where(table.notna().all(axis=1))
     if "reasoning" in set(long["family"]):  # long generation: the KV a sequence really held, per (layer, KV head)
         for column, key in (("KV end", "kv_end"), ("KV peak", "kv_peak")):

@@ -8,6 +8,15 @@ from __future__ import annotations
 from kvbench.tasks.stats import intervals
 
 
+def average(task, scores: dict) -> float | None:
+    """The run's one number: the task's `headline` column where its columns overlap (LongBench v2: overall),
+    else the mean of its sub-task scores."""
+    headline = getattr(task, "headline", None)
+    if headline:
+        return scores.get(headline)
+    return round(sum(scores.values()) / len(scores), 2) if scores else None
+
+
 def summarize(task, labels: dict, records: list[dict], stored_cfg: dict | None = None) -> dict:
     """scores.json of a run: the task's scores per sub-task, their average and the sample count, with the
     run id and hashed settings of `stored_cfg` (the run folder's config.yaml)."""
@@ -17,7 +26,7 @@ def summarize(task, labels: dict, records: list[dict], stored_cfg: dict | None =
         **labels,
         "run_id": stored_cfg.get("run_id"),
         "scores": subtask_scores,
-        "average": round(sum(subtask_scores.values()) / len(subtask_scores), 2) if subtask_scores else None,
+        "average": average(task, subtask_scores),
         "n": len(records),
         "intervals": intervals(task, records),  # 95% bootstrap per sub-task (kvbench.tasks.stats)
         **(task.score_details(records) if hasattr(task, "score_details") else {}),

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.tasks.longbench import LongBench
+from kvbench.tasks.longbench_v2 import LongBenchV2
 from kvbench.tasks.niah import Niah
 from kvbench.tasks.perplexity import Perplexity
 from kvbench.tasks.reasoning import Reasoning
 from kvbench.tasks.ruler import Ruler
 from kvbench.tasks.synthetic import MultiKey, Passkey
 
-REGISTRY = {cls.name: cls for cls in (Passkey, MultiKey, LongBench, Perplexity, Niah, Ruler, Reasoning)}
+REGISTRY = {cls.name: cls for cls in (Passkey, MultiKey, LongBench, Perplexity, Niah, Ruler, Reasoning, LongBenchV2)}
 
 
 def build(cfg):

@@ -32,7 +32,7 @@ def test_scoring():
 
 
 def test_bad_task_settings():
-    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: longbench, math, multikey, niah, passkey, perplexity, ruler"):
+    with pytest.raises(KVBenchError, match="unknown task 'nope'; choose one of: longbench, longbench_v2, math, multikey, niah, passkey, perplexity, ruler"):
         build({"name": "nope"})
     with pytest.raises(KVBenchError, match="has no setting context_len"):
         build({"name": "passkey", "context_len": 5})
