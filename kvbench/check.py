@@ -53,11 +53,32 @@ CPU_SHAPE = {"hidden": 128, "intermediate": 344, "layers": 2, "heads": 8, "kv_he
 
 
 def method_configs(scores_path: str) -> dict:
-    """Every registered method (its registry defaults), plus the plain transformers baseline."""
+    """Every registered method (its registry defaults), plus the plain transformers baseline. HeadKV reads the
+    score file `scores_path`; DuoAttention the random pattern beside it (write_random_duo_pattern), if there."""
     configs = {"sdpa-full": None}
+    duo = Path(scores_path).parent / DUO_FOLDER
     for name in REGISTRY:
-        configs[name] = {"name": name, **({"head_scores": scores_path} if name == "headkv" else {})}
+        if name == "duo_attention" and not duo.is_dir():
+            continue
+        extra = {"headkv": {"head_scores": scores_path}, "duo_attention": {"patterns": str(duo)}}.get(name, {})
+        configs[name] = {"name": name, **extra}
     return configs
+
+
+DUO_FOLDER = "random_duo_pattern"
+
+
+def write_random_duo_pattern(folder: Path, layers: int, kv_heads: int, sink: int = 16, recent: int = 48) -> Path:
+    """A DuoAttention pattern in the published format (full_attention_heads.tsv + config.json) with uniform
+    random head values and a small streaming window: for timings, never for scores."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(layers, kv_heads, generator=g)
+    (folder / "full_attention_heads.tsv").write_text(
+        "\n".join("\t".join(f"{v:.4f}" for v in row.tolist()) for row in values) + "\n")
+    (folder / "config.json").write_text(json.dumps({"sink_size": sink, "recent_size": recent,
+                                                    "model_name": "random (timings only)"}))
+    return folder
 
 
 def write_random_head_scores(path: Path, layers: int, heads: int, skew: float = 4.0) -> str:
@@ -259,6 +280,7 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     args.max_length = max(lengths) + args.steps + 16
     out = Path(args.out)
+    write_random_duo_pattern(out / DUO_FOLDER, args.layers, args.kv_heads)
     configs = method_configs(write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads))
     model = build_model(args)
     vocab = model.config.vocab_size

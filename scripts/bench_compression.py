@@ -44,7 +44,15 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kvbench.check import DECODE_STAGE, build_model, method_configs, sync, write_random_head_scores
+from kvbench.check import (
+    DECODE_STAGE,
+    DUO_FOLDER,
+    build_model,
+    method_configs,
+    sync,
+    write_random_duo_pattern,
+    write_random_head_scores,
+)
 from kvbench.engine import cache_argument
 
 VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as",
@@ -265,6 +273,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.scores = write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads)
+    write_random_duo_pattern(out / DUO_FOLDER, args.layers, args.kv_heads)
     configs = method_configs(args.scores)
     methods = list(configs) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in configs]

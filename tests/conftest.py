@@ -27,10 +27,12 @@ from tests.helpers import HEAD_SCORES  # noqa: E402
 
 
 def method_config(path) -> dict:
-    """A configs/method/*.yaml as a dict; headkv gets the tiny model's score file."""
+    """A configs/method/*.yaml as a dict; headkv gets the tiny model's score file, duo_attention its pattern."""
     cfg = yaml.safe_load(Path(path).read_text())
     if cfg["name"] == "headkv":
         cfg["head_scores"] = str(HEAD_SCORES)
+    if cfg["name"] == "duo_attention":  # a pattern for the tiny model (tests/fixtures/duo_attention/tiny)
+        cfg["patterns"] = str(Path(__file__).resolve().parent / "fixtures" / "duo_attention" / "tiny")
     return cfg
 
 

@@ -26,6 +26,7 @@ mass from every query but is never a cache token: it appears in no statistic.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvbench.engine.architecture import check_supported
 from kvbench.engine.types import Stats, StatsRequest
+from kvbench.errors import KVBenchError
 
 NAME = "kvbench"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -184,6 +186,8 @@ def kvbench_attention(
             out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
                                           **kwargs)
         stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)
+    if request.queries:
+        stats.queries, stats.rope = prerope_queries(kvbench_cache, module.layer_idx, query)
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
@@ -334,3 +338,56 @@ def compute_stats(request: StatsRequest, query, key, attn=None, positions=None) 
         # a single decode query: its row is the column sum of one query
         stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, attn, positions=positions)
     return stats
+
+
+# ----------------------------------------------------------------------------- queries before RoPE
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(rotary, positions: torch.Tensor, head_dim: int, layer_type: str = "full_attention"):
+    """cos, sin (n, head_dim) float32: the model's RoPE (`rotary`, its decoder's `rotary_emb`) at `positions`
+    (n,), as the model applies it to a layer of `layer_type`: x cos + rotate_half(x) sin, its attention scaling
+    included; a model with one RoPE per layer type (Gemma 3) uses the layer type's; half-width tables
+    (gpt-oss, which rotates the two halves as rotate_half does) are widened."""
+    probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
+    ids = positions.reshape(1, -1)
+    if hasattr(rotary, f"{layer_type}_inv_freq"):
+        cos, sin = rotary(probe, ids, layer_type)
+    else:
+        cos, sin = rotary(probe, ids)
+    cos, sin = cos.reshape(-1, cos.shape[-1]).float(), sin.reshape(-1, sin.shape[-1]).float()
+    if 2 * cos.shape[-1] == head_dim:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    if cos.shape[-1] != head_dim:
+        raise KVBenchError(f"the model's RoPE rotates {cos.shape[-1]} of {head_dim} channels (partial rotary): "
+                           "kvbench cannot give a method its queries before RoPE")
+    return cos, sin
+
+
+def prerope_queries(cache, layer_idx: int, query: torch.Tensor):
+    """`StatsRequest.queries`: the call's queries (B, Hq, q, D) with RoPE undone, in their own dtype, and the
+    layer's RoPE as a function positions -> (cos, sin) (`rope_tables`). The queries sit at the q positions
+    before `cache.position_end` (what the driver gave the model); RoPE is undone in float32, in blocks of
+    queries: q = (x cos - rotate_half(x) sin) / (cos^2 + sin^2), exact for any attention scaling."""
+    rotary = getattr(cache, "rotary", None)
+    if rotary is None:
+        raise KVBenchError("this method needs the queries before RoPE, and the model has no rotary embedding "
+                           "(model.get_decoder().rotary_emb)")
+    batch, heads, q_len, dim = query.shape
+    end = cache.position_end
+    if end < q_len:
+        raise KVBenchError("queries before RoPE need the positions the model was given: drive the cache with "
+                           "CompressedCache.next_position_ids (Session does)")
+    rope = functools.partial(rope_tables, rotary, head_dim=dim, layer_type=cache.layers[layer_idx].layer_type)
+    out = torch.empty_like(query)
+    step = max(1, MIN_BLOCK_ELEMENTS // (batch * heads * dim))
+    for start in range(0, q_len, step):
+        stop = min(start + step, q_len)
+        cos, sin = rope(torch.arange(end - q_len + start, end - q_len + stop, device=query.device))
+        x = query[:, :, start:stop].float()
+        out[:, :, start:stop] = (x * cos - rotate_half(x) * sin).div_(cos * cos + sin * sin)
+    return out, rope

@@ -380,7 +380,9 @@ class CompressedCache(Cache):
         self.reserve = reserve
         self.phase = "prefill"
         self.shifted = method.positions == "shifted"
-        self.rotary = model.get_decoder().rotary_emb if self.shifted else None
+        # the model's RoPE: `shifted` rotates keys with it; a method asking for queries before RoPE undoes it
+        decoder = model.get_decoder() if self.shifted or hasattr(model, "get_decoder") else None
+        self.rotary = decoder.rotary_emb if self.shifted else getattr(decoder, "rotary_emb", None)
         self.prompt_len: int | None = None
 
     def first_capacity(self, n: int) -> int:
@@ -471,7 +473,7 @@ class CompressedCache(Cache):
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
             elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
-                keep = select(layer, scores, budget, sinks, recent)
+                keep = select(layer, scores, budget, sinks, recent, method.chunk)
                 method.before_compact(layer, keep)
                 layer.compact(keep, extra)
                 layer.gaps = bool(layer.window) and scores is not None

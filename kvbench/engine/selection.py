@@ -10,15 +10,45 @@ import torch
 from kvbench.engine.types import LayerView, Victim
 
 
-def select(layer: LayerView, scores: torch.Tensor | None, budget: int, sinks: int, recent: int):
+def select(layer: LayerView, scores: torch.Tensor | None, budget: int, sinks: int, recent: int, chunk: int = 0):
     """Slots to keep (batch, heads, budget): the protected sinks and recent window, then the top scores
     (the most recent when a method has no scores); among equal scores the more recent token wins.
-    Protection is a mask on a float32 copy of the scores, never a large number added to them."""
-    rank = (scores if scores is not None else layer.view("pos")).float()
-    rank = rank.masked_fill(layer.protected(sinks, recent), float("inf"))
+    Protection is a mask on a float32 copy of the scores, never a large number added to them.
+    `chunk` > 0 (ChunkKV): each token ranks by its chunk's score (`chunk_rank`)."""
+    protected = layer.protected(sinks, recent)
+    if chunk and scores is not None:
+        rank = chunk_rank(scores, layer.view("pos"), chunk, protected)
+    else:
+        rank = (scores if scores is not None else layer.view("pos")).float()
+    rank = rank.masked_fill(protected, float("inf"))
     newest_first = layer.view("pos").argsort(dim=-1, descending=True)
     best = rank.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True).indices[..., :budget]
     return newest_first.gather(-1, best)
+
+
+def chunk_rank(scores: torch.Tensor, pos: torch.Tensor, chunk: int, protected: torch.Tensor) -> torch.Tensor:
+    """ChunkKV (arXiv:2502.00299; kvpress ChunkKVPress): every token ranked (batch, heads, n) float32 by the
+    score of its chunk, the same in every head, so a top-C cut keeps whole chunks (then the newest tokens of
+    the next chunk, by the tie rule). Chunks are `chunk` consecutive positions counted from 0 (the last one
+    may be partial); a chunk's score is its tokens' scores summed over the heads, then averaged over the
+    chunk's tokens (a partial chunk over its own), both rounded to the scores' dtype as kvpress computes
+    them. A chunk holding a protected token ranks above every other (float32 max; its protected tokens
+    themselves first: inf in `select`). Fewer tokens than `chunk` (no complete chunk): the plain scores, as
+    kvpress falls back to the wrapped press. Stated on positions (a fresh cache at the prompt cut: every
+    head holds the same tokens)."""
+    batch, heads, n = scores.shape
+    if n < chunk:
+        return scores.float()
+    ids = pos[:, 0] // chunk
+    ids = ids - ids.amin(dim=-1, keepdim=True)  # a sliding layer's window starts past position 0
+    chunks = int(ids.max()) + 1
+    summed = scores.sum(dim=1).float()  # over heads, in the scores' dtype (kvpress: scores.sum(dim=1))
+    total = summed.new_zeros(batch, chunks).scatter_add_(1, ids, summed)
+    count = summed.new_zeros(batch, chunks).scatter_add_(1, ids, torch.ones_like(summed))
+    mean = (total / count.clamp(min=1)).to(scores.dtype).float()
+    held = summed.new_zeros(batch, chunks).scatter_add_(1, ids, protected.any(dim=1).float()) > 0
+    mean = mean.masked_fill(held, torch.finfo(torch.float32).max)
+    return mean.gather(1, ids)[:, None].expand(batch, heads, n)
 
 
 def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:

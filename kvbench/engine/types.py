@@ -10,7 +10,8 @@ A method (kvbench/methods/) imports these and `kvbench.engine.budget` only, neve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -27,25 +28,35 @@ class StatsRequest:
     window: int = 0  # mean attention of the last `window` queries on each key
     row: bool = False  # attention of the (single) decode query on each key
     per_query_head: bool = False  # the window statistic per query head, not averaged over a GQA group
+    queries: bool = False  # the layer's queries before RoPE and the model's RoPE tables (Stats.queries, .rope)
 
     def any(self) -> bool:
+        """An attention statistic is asked for (the queries are no attention statistic)."""
         return self.colsum or self.window > 0 or self.row
 
 
 @dataclass
 class Stats:
     """Per-KV-head attention statistics of one layer call, each (batch, kv_heads, kv_len) float32
-    (the window statistic is (batch, query_heads, kv_len) when requested `per_query_head`)."""
+    (the window statistic is (batch, query_heads, kv_len) when requested `per_query_head`).
+
+    Asked for `queries`: `queries` (batch, query_heads, n_queries, head_dim), the call's queries before RoPE in
+    their own dtype (RoPE undone at their positions: what the layer's projection, and its norm if any, gave),
+    and `rope`, the model's RoPE for this layer: positions (n,) long -> cos, sin (n, head_dim) float32 as the
+    model applies them (x cos + rotate_half(x) sin; its attention scaling included)."""
 
     n_queries: int
     colsum: torch.Tensor | None = None
     window: torch.Tensor | None = None
     row: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def last(self, n: int) -> Stats:
-        """The statistics of the last `n` keys (a sliding layer's window, cut before the method sees it)."""
+        """The statistics of the last `n` keys (a sliding layer's window, cut before the method sees it);
+        the queries are not per key and stay whole."""
         cut = lambda x: None if x is None else x[..., -n:]  # noqa: E731
-        return Stats(self.n_queries, cut(self.colsum), cut(self.window), cut(self.row))
+        return replace(self, colsum=cut(self.colsum), window=cut(self.window), row=cut(self.row))
 
 
 class Victim(NamedTuple):
@@ -92,6 +103,7 @@ class Policy(Protocol):
     positions: str
     compresses: bool
     per_head: bool
+    chunk: int  # > 0: the prompt cut keeps whole chunks of `chunk` positions (ChunkKV; `selection.chunk_rank`)
     slot_state: tuple[str, ...]
     rewritten_state: tuple[str, ...]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.methods.ada_snapkv import AdaSnapKV
 from kvbench.methods.base import Method
+from kvbench.methods.duo_attention import DuoAttention
+from kvbench.methods.expected_attention import ExpectedAttention
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
 from kvbench.methods.headkv import HeadKV
@@ -22,7 +24,7 @@ from kvbench.methods.weightedkv import WeightedKV
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV, HeadKV, AdaSnapKV, PyramidKV,
-                Knorm, KeyDiff, LagKV, Random)
+                Knorm, KeyDiff, LagKV, Random, ExpectedAttention, DuoAttention)
 }
 
 

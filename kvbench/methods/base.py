@@ -50,6 +50,10 @@ class Method:
     # aware: compress the whole prompt, question included | agnostic: compress the context alone, then append
     # the question uncompressed and generate (kvpress's query-agnostic protocol; tasks mark where the question starts)
     query: str = "aware"
+    # 0: off | N: ChunkKV (arXiv:2502.00299; kvpress ChunkKVPress): the prompt cut keeps whole chunks of N
+    # consecutive positions, ranked by the method's scores summed over heads and averaged over the chunk, the
+    # same chunks in every head (methods with a plain top-k cut, stage prefill; see engine.selection.chunk_rank)
+    chunk: int = 0
 
     name: ClassVar[str] = "base"
     # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
@@ -96,11 +100,29 @@ class Method:
                                    "method.stage=prefill method.positions=original")
             if not 0 <= self.ada_floor <= 1:
                 raise KVBenchError(f"method.ada_floor={self.ada_floor} must be in [0, 1]")
+        if self.chunk:
+            self._check_chunk()
         if self.gqa == "expand" and self.compresses and not self.expands:
             raise KVBenchError(
                 f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
                 "KV head: use method.gqa=kv"
             )
+
+    def _check_chunk(self) -> None:
+        """`chunk` takes a method that scores every prompt token at a plain top-k cut, one set per KV head:
+        those that take `heads: ada`, and SnapKV at `gqa: kv` (its per-head forms keep their own budgets)."""
+        if self.chunk < 0:
+            raise KVBenchError(f"method.chunk={self.chunk} must be >= 0 (0: off)")
+        if self.heads == "ada":
+            raise KVBenchError("method.chunk keeps the same chunks in every head: use method.heads=equal")
+        if self.gqa == "expand":
+            raise KVBenchError("method.chunk keeps the same chunks in every head: use method.gqa=kv")
+        if not self.compresses or self.per_head or not (self.adapts or self.expands):
+            raise KVBenchError(f"method.chunk takes a method that scores every prompt token at a plain top-k cut "
+                               f"(knorm, keydiff, lagkv, random, snapkv; h2o, vatp, scissorhands, tova at "
+                               f"stage=prefill); {self.name} does not: use method.chunk=0")
+        if self.stage != "prefill":
+            raise KVBenchError("method.chunk chooses chunks once, at the prompt cut: use method.stage=prefill")
 
     @property
     def per_head(self) -> bool:
@@ -118,9 +140,10 @@ class Method:
 
     @property
     def run_label(self) -> str:
-        """The label with `-agnostic` for query-agnostic compression (a row papers report apart; a full cache
-        is the same either way)."""
-        return self.label + ("-agnostic" if self.query == "agnostic" and self.compresses else "")
+        """The label with `-chunkN` for ChunkKV's chunk-wise cut and `-agnostic` for query-agnostic
+        compression (rows papers report apart; a full cache is the same either way)."""
+        return (self.label + (f"-chunk{self.chunk}" if self.chunk else "")
+                + ("-agnostic" if self.query == "agnostic" and self.compresses else ""))
 
     def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor:
         """`heads: ada` (Ada-KV as kvpress's AdaKVPress computes it): each head's top int(ada_floor x C) scores

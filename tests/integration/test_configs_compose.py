@@ -46,6 +46,8 @@ def group_choices() -> list:
 def extra_overrides(group: str, name: str) -> list[str]:
     if group == "method" and name == "headkv":
         return [f"paths.head_scores={SMOKE_HEAD_SCORES}"]  # the default model (tiny)'s scores
+    if group == "method" and name == "duo_attention":  # a pattern for the tiny model
+        return [f"method.patterns={REPO / 'tests' / 'fixtures' / 'duo_attention' / 'tiny'}"]
     return []
 
 

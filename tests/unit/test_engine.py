@@ -225,7 +225,8 @@ def test_half_precision_stays_finite(dtype, name, half_models):
     model = half_models[dtype]
     cfg = method_configs()[name]
     ids = prompt_ids(60, seed=9)
-    for tokens in (1, cfg.get("sinks", 0) + 1, 200):
+    duo = cfg["name"] == "duo_attention"  # refuses budgets under its streaming window (sink 2 + recent 4 here)
+    for tokens in ((6, 200) if duo else (1, cfg.get("sinks", 0) + 1, 200)):
         cache = CompressedCache(model, build(cfg), Budget(tokens=tokens))
         with torch.inference_mode():
             logits = forward(model, cache, ids)[:, -1]
@@ -236,6 +237,8 @@ def test_half_precision_stays_finite(dtype, name, half_models):
         assert torch.isfinite(logits).all(), (name, tokens)
         expected = min(tokens, 60) + (0 if cfg.get("stage", "prefill") == "decode" and tokens < 66 else 6)
         layer = cache.layers[0]
+        if duo:
+            continue  # retrieval heads keep the prompt, streaming heads the window: test_duo_attention.py
         if layer.ragged is not None:  # per-head budgets: at budget 1 every head keeps 1
             assert layer.ragged.kept_per_head.tolist() == [[expected] * 2], (name, tokens)
         elif cfg["name"] != "full":

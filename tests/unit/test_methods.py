@@ -197,7 +197,8 @@ def test_every_registered_method_has_a_config_and_a_case():
     assert names == set(REGISTRY)
     # weightedkv: test_weightedkv.py; per-head budgets: test_headkv.py; key/value scorers: test_scorers.py
     others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv",
-              "knorm", "keydiff", "lagkv", "random"}  # test_scorers.py
+              "knorm", "keydiff", "lagkv", "random",  # test_scorers.py
+              "duo_attention", "expected_attention"}  # test_duo_attention.py, test_expected_attention.py
     assert {c[0]["name"] for c in CASES} | others == set(REGISTRY)
 
 
