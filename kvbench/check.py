@@ -68,7 +68,7 @@ def method_configs(scores_path: str) -> dict:
 DUO_FOLDER = "random_duo_pattern"
 
 
-def write_random_duo_pattern(folder: Path, layers: int, kv_heads: int, sink: int = 16, recent: int = 48) -> Path:
+def write_random_duo_pattern(folder: Path, layers: int, kv_heads: int, sink: int = 4, recent: int = 4) -> Path:
     """A DuoAttention pattern in the published format (full_attention_heads.tsv + config.json) with uniform
     random head values and a small streaming window: for timings, never for scores."""
     folder.mkdir(parents=True, exist_ok=True)

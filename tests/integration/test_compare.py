@@ -66,7 +66,7 @@ def test_written_tables_and_one_line_errors(tmp_path, capsys):
     assert main(["demo", "--no-run", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kvbench: error: no paper table for experiment 'demo'; choose one of: "
-                   "weightedkv_ppl, vatp_longbench, headkv_longbench, streamingllm_sinks (claims at SCALE=cpu only: niah)"]
+                   "weightedkv_ppl, vatp_longbench, headkv_longbench, ruler, streamingllm_sinks (claims at SCALE=cpu only: niah)"]
     assert main(["weightedkv_ppl", "--scale", "tiny", "--results", str(tmp_path)]) == 2
     assert not (tmp_path / "tables" / "demo.md").exists()
 
