@@ -19,12 +19,19 @@ from pathlib import Path
 
 import yaml
 
-from kvbench.report.plots import _plt
-from kvbench.report.runs import find_runs
-from kvbench.report.tables import natural_key
+from kvbench.report.runs import find_runs, natural_key
 from kvbench.runner.folder import disk_full
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]  # visualize.py's LinearSegmentedColormap
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def niah_runs(folders) -> list[dict]:

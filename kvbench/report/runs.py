@@ -5,6 +5,7 @@ when several carry the same labels. Tables, plots, claim rows and paper tables a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +18,11 @@ FAMILIES = {"passkey": "retrieval", "multikey": "retrieval", "niah": "retrieval"
 COLUMNS = ["model", "task", "method", "budget", "budget_tokens", "budget_ratio", "subtask", "score", "n", "run",
            "family", "reference", "settings", "kept_per_head", "kv_ratio", "low", "high", "kv_end", "kv_peak"]
 
+
+
+def natural_key(text) -> tuple:
+    """'w32' < 'w64' < 'w128': digits compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)))
 
 
 def family_of(task_name: str | None, task_label: str | None) -> str:

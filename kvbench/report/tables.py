@@ -18,21 +18,15 @@ from exactly the runs of that sweep.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from kvbench.report.runs import collect, find_runs
+from kvbench.report.runs import collect, find_runs, natural_key
 from kvbench.runner.folder import atomic_write_text
 
 INDEX = ["model", "method", "budget"]
-
-
-def natural_key(text) -> tuple:
-    """'w32' < 'w64' < 'w128': digits compare as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)))
 
 
 NO_AVERAGE = {"ppl"}  # families whose scores must not be averaged (perplexities)
