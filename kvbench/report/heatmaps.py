@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from kvbench.report.plots import _plt, save_png
 from kvbench.report.runs import find_runs, natural_key
-from kvbench.runner.folder import disk_full
 
 COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]  # visualize.py's LinearSegmentedColormap
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def niah_runs(folders) -> list[dict]:
@@ -70,21 +61,6 @@ def _panel(ax, run: dict, cmap, show_y: bool = True):
     return image
 
 
-def _save(fig, out: Path) -> Path:
-    plt = _plt()
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:  # whole or not at all: a full disk leaves the previous figure
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise disk_full(err, out.parent) or err from err
-    finally:
-        plt.close(fig)
-    return out
-
-
 def _name(*parts) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.+-]+", "-", str(p)) for p in parts)
 
@@ -105,7 +81,7 @@ def write_heatmaps(runs: list[dict], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(run["grid"]), 3.2))
         fig.colorbar(_panel(ax, run, cmap), ax=ax, label="score")
         ax.set_title(f"{run['model']} · {run['method']} @ {run['budget']}  (mean {run['score']:.1f})", fontsize=8)
-        written.append(_save(fig, out_dir / f"{_name(run['model'], run['task'], run['method'], run['budget'])}.png"))
+        written.append(save_png(fig, out_dir / f"{_name(run['model'], run['task'], run['method'], run['budget'])}.png"))
         groups.setdefault((run["model"], run["task"]), []).append(run)
     for (model, task), members in groups.items():
         # the full cache first, then methods by name and budgets in numeric order
@@ -116,7 +92,7 @@ def write_heatmaps(runs: list[dict], out_dir: str | Path) -> list[Path]:
             image = _panel(ax, run, cmap, show_y=k == 0)
         fig.colorbar(image, ax=list(axes[0]), label="score", fraction=0.02)
         fig.suptitle(f"{model} · {task}: needle in a haystack", fontsize=9, y=1.08)
-        written.append(_save(fig, out_dir / f"{_name(model, task, 'methods')}.png"))
+        written.append(save_png(fig, out_dir / f"{_name(model, task, 'methods')}.png"))
     return written
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kvbench.report.runs import collect, find_runs
-from kvbench.report.tables import natural_key
+from kvbench.report.runs import collect, find_runs, natural_key
 from kvbench.runner.folder import disk_full
 
 REFERENCE_STYLES = ("--", ":", "-.")
@@ -162,9 +161,14 @@ def budget_vs_score(long: pd.DataFrame, out: str | Path, title: str = "") -> Pat
         return None
     if fig is None:
         return None
-    out = Path(out)
+    return save_png(fig, Path(out))
+
+
+def save_png(fig, out: Path) -> Path:
+    """`fig` as a PNG at `out`, whole or not at all: a full disk leaves the previous figure, and one line
+    naming the folder; the figure is closed."""
     tmp = out.with_name(f".{out.name}.tmp")
-    try:  # whole or not at all: a full disk leaves the previous figure, and one line naming the folder
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         os.replace(tmp, out)
