@@ -205,3 +205,27 @@ def test_plot_styles_are_the_methods_own_in_every_figure_and_the_legend_sits_out
     points = [line.get_transform().transform(line.get_xydata())[0] for line in ax.get_lines() if line.get_label() in
               ("h2o", "snapkv")]
     assert abs(points[0][0] - points[1][0]) > 1  # pixels apart
+
+
+def test_reasoning_rows_show_the_kv_held_and_longbench_v2_has_no_avg():
+    """kv_meta's per-head end/peak reach the reasoning table; LongBench v2's overlapping columns get no Avg and
+    its run's number is `overall`."""
+    import pandas as pd
+
+    from kvbench.report.tables import pivot
+    from kvbench.runner.provenance import kv_meta
+    from kvbench.runner.scoring import average
+    from kvbench.tasks.longbench_v2 import LongBenchV2
+
+    records = [{"kv_kept_per_layer_head": [[4, 4], [4, 4]], "kv_end_kept_tokens": 40, "kv_peak_tokens": 80,
+                "kv_kept_tokens": 16, "kv_full_tokens": 32}, {"kv_kept_per_layer_head": [[4, 4], [4, 4]],
+                "kv_end_kept_tokens": 20, "kv_peak_tokens": 40, "kv_kept_tokens": 16, "kv_full_tokens": 32}]
+    kv = kv_meta(records)
+    assert (kv["kv_end_tokens_per_head"], kv["kv_peak_tokens_per_head"]) == (7.5, 15.0)  # (10 + 5) / 2, (20 + 10) / 2
+    row = {"model": "m", "task": "math500", "method": "h2o", "budget": "tokens512", "n": 2, "reference": False,
+           "settings": "", "kv_end": 7.5, "kv_peak": 15.0}
+    long = pd.DataFrame([{**row, "subtask": "math500", "score": 50.0, "family": "reasoning"}])
+    assert pivot(long).iloc[0][["math500", "KV end", "KV peak"]].tolist() == [50.0, 7.5, 15.0]
+    v2 = pd.DataFrame([{**row, "subtask": s, "score": 40.0, "family": "longbench_v2"} for s in ("overall", "easy")])
+    assert "Avg" not in pivot(v2).columns
+    assert average(LongBenchV2, {"overall": 31.0, "easy": 50.0, "hard": 20.0}) == 31.0
