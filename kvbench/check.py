@@ -39,9 +39,11 @@ import torch
 from kvbench.engine import Budget, Session, cache_argument, install
 from kvbench.methods import REGISTRY, build
 from kvbench.methods.head_scores import write_head_scores
+from kvbench.methods.qfilter import save_filters
 from kvbench.models.loading import build_tiny
 
-DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv", "knorm", "keydiff", "random")  # evict while decoding
+DECODE_STAGE = ("streamingllm", "h2o", "vatp", "scissorhands", "tova", "weightedkv", "knorm", "keydiff", "random",
+                "qfilter", "cake")  # evict while decoding
 PER_HEAD = ("headkv", "ada_snapkv", "pyramidkv")  # prefill cut, ragged store at decode
 
 
@@ -53,16 +55,40 @@ CPU_SHAPE = {"hidden": 128, "intermediate": 344, "layers": 2, "heads": 8, "kv_he
 
 
 def method_configs(scores_path: str) -> dict:
-    """Every registered method (its registry defaults), plus the plain transformers baseline. HeadKV reads the
-    score file `scores_path`; DuoAttention the random pattern beside it (write_random_duo_pattern), if there."""
+    """Every registered method (its registry defaults), the wrappers on a scorer (CriticalKV, CriticalAdaKV,
+    PyramidKV layer budgets, ChunkKV), plus the plain transformers baseline. HeadKV reads the score file
+    `scores_path`; DuoAttention and QFilter the random pattern and filters beside it
+    (write_random_duo_pattern, write_random_qfilters), if there."""
     configs = {"sdpa-full": None}
-    duo = Path(scores_path).parent / DUO_FOLDER
+    folder = Path(scores_path).parent
+    files = {"duo_attention": ("patterns", folder / DUO_FOLDER), "qfilter": ("filters", folder / QFILTER_FOLDER)}
     for name in REGISTRY:
-        if name == "duo_attention" and not duo.is_dir():
+        if name in files and not files[name][1].is_dir():
             continue
-        extra = {"headkv": {"head_scores": scores_path}, "duo_attention": {"patterns": str(duo)}}.get(name, {})
+        extra = {"headkv": {"head_scores": scores_path}}.get(name, {})
+        if name in files:
+            extra = {files[name][0]: str(files[name][1])}
         configs[name] = {"name": name, **extra}
+    configs.update(WRAPPERS)
     return configs
+
+
+WRAPPERS = {  # the settings that compose with any scorer, on representative ones
+    "snapkv-critical": {"name": "snapkv", "critical": True},
+    "expected_attention-ada-critical": {"name": "expected_attention", "use_vnorm": False, "heads": "ada",
+                                        "critical": True},
+    "knorm-pyramid": {"name": "knorm", "stage": "prefill", "layers": "pyramid"},
+    "knorm-chunk10": {"name": "knorm", "stage": "prefill", "chunk": 10},
+}
+QFILTER_FOLDER = "random_qfilters"
+
+
+def write_random_qfilters(folder: Path, layers: int, kv_heads: int, head_dim: int) -> Path:
+    """Q-Filters in kvpress's layout (model.safetensors + config.json), random unit directions: for timings,
+    never for scores."""
+    g = torch.Generator().manual_seed(0)
+    return save_filters(folder, torch.nn.functional.normalize(torch.randn(layers, kv_heads, head_dim, generator=g),
+                                                              dim=-1))
 
 
 DUO_FOLDER = "random_duo_pattern"
@@ -281,6 +307,7 @@ def main(argv=None) -> int:
     args.max_length = max(lengths) + args.steps + 16
     out = Path(args.out)
     write_random_duo_pattern(out / DUO_FOLDER, args.layers, args.kv_heads)
+    write_random_qfilters(out / QFILTER_FOLDER, args.layers, args.kv_heads, args.hidden // args.heads)
     configs = method_configs(write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads))
     model = build_model(args)
     vocab = model.config.vocab_size

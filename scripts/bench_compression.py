@@ -47,11 +47,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kvbench.check import (
     DECODE_STAGE,
     DUO_FOLDER,
+    QFILTER_FOLDER,
     build_model,
     method_configs,
     sync,
     write_random_duo_pattern,
     write_random_head_scores,
+    write_random_qfilters,
 )
 from kvbench.engine import cache_argument
 
@@ -178,7 +180,7 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
             return model(input_ids=token, **cache_argument(model, cache), use_cache=True).logits
     else:
         install(model, "sdpa")
-        cfg = {**method_cfg, "stage": "decode"} if method_cfg["name"] in DECODE_STAGE else method_cfg
+        cfg = {"stage": "decode", **method_cfg} if method_cfg["name"] in DECODE_STAGE else method_cfg
         session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps + 8)
         prompt = budget if method_cfg["name"] == "full" else 2 * budget  # full: a cache of exactly C tokens
         logits = session.prefill(torch.randint(4, 260, (1, prompt), device=device))
@@ -274,6 +276,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     args.scores = write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads)
     write_random_duo_pattern(out / DUO_FOLDER, args.layers, args.kv_heads)
+    write_random_qfilters(out / QFILTER_FOLDER, args.layers, args.kv_heads, args.hidden // args.heads)
     configs = method_configs(args.scores)
     methods = list(configs) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in configs]

@@ -27,12 +27,17 @@ from tests.helpers import HEAD_SCORES  # noqa: E402
 
 
 def method_config(path) -> dict:
-    """A configs/method/*.yaml as a dict; headkv gets the tiny model's score file, duo_attention its pattern."""
+    """A configs/method/*.yaml as a dict; headkv gets the tiny model's score file, duo_attention its pattern,
+    qfilter its filters."""
     cfg = yaml.safe_load(Path(path).read_text())
     if cfg["name"] == "headkv":
         cfg["head_scores"] = str(HEAD_SCORES)
     if cfg["name"] == "duo_attention":  # a pattern for the tiny model (tests/fixtures/duo_attention/tiny)
         cfg["patterns"] = str(Path(__file__).resolve().parent / "fixtures" / "duo_attention" / "tiny")
+    if cfg.get("quant", "none") != "none":  # KIVI groups must divide the tiny models' head dim (16)
+        cfg.update(quant_group=8, quant_residual=16)
+    if cfg["name"] == "qfilter":  # the tiny GQA model's filters (scripts/estimate_qfilters.py)
+        cfg["filters"] = str(Path(__file__).resolve().parent / "fixtures" / "qfilter" / "tiny")
     return cfg
 
 

@@ -88,3 +88,35 @@ def fake_run(root, model, task, method, budget, scores, tokens=None, *, ratio=No
     if kept is not None:
         (folder / "meta.json").write_text(json.dumps({"kv": {"kv_kept_tokens_per_layer_head": [[kept, kept]]}}))
     return folder
+
+
+def assert_batched_equals_alone(model, settings, budget: int, seed: int = 1, lengths=(40, 23, 57, 31), new: int = 6):
+    """Four prompts of mixed lengths decoded together (batch 4) give each one's tokens alone."""
+    import torch
+
+    from kvbench.engine import Budget, Session
+    from kvbench.engine.batch import Request, decode_together
+    from kvbench.methods import build
+
+    g = torch.Generator().manual_seed(seed)
+    requests = [Request(torch.randint(0, 128, (1, n), generator=g), new, []) for n in lengths]
+    together = dict(decode_together(model, requests, build(settings), Budget(tokens=budget), 4))
+    for i, request in enumerate(requests):
+        session = Session(model, build(settings), Budget(tokens=budget), reserve=new)
+        assert together[i].tokens == session.generate(request.input_ids, new, []).tokens[0], (settings, i)
+
+
+def one_layer_cache(cfg, budget: int, q, k, v, module=None):
+    """A one-layer CompressedCache after the prompt (q, k, v) went through kvbench's attention."""
+    from types import SimpleNamespace
+
+    from kvbench.engine import Budget, CompressedCache
+    from kvbench.engine.attention import kvbench_attention
+    from kvbench.methods import build
+
+    cache = CompressedCache(SimpleNamespace(config=SimpleNamespace(num_hidden_layers=1)), build(cfg),
+                            Budget(tokens=budget))
+    keys, values = cache.update(k, v, 0)
+    module = module or FakeModule("sdpa", groups=q.shape[1] // k.shape[1])
+    kvbench_attention(module, q, keys, values, None, scaling=SCALING, kvbench_cache=cache)
+    return cache

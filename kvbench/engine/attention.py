@@ -186,8 +186,12 @@ def kvbench_attention(
             out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
                                           **kwargs)
         stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)
+    if request.window_probs:
+        stats.window_probs = window_probs(query, key, request.window_probs, attn, positions)
     if request.queries:
         stats.queries, stats.rope = prerope_queries(kvbench_cache, module.layer_idx, query)
+    if request.out_proj:
+        stats.out_proj = output_projection(module)
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
@@ -310,6 +314,17 @@ def attention_window(query, key, window: int, attn=None, block: int | None = Non
     return attention_column_sums(query, key, attn, block, first=q_len - w, positions=positions).div_(w)
 
 
+def window_probs(query, key, window: int, attn=None, positions=None) -> torch.Tensor:
+    """The softmax rows (B, Hq, w, kv_len) float32 of the last w = min(`window`, q_len) queries (causal)."""
+    w = min(window, query.shape[2])
+    attn = LayerAttention.of(attn, query.shape[-1])
+    key_pos = positions[0] if positions is not None else torch.arange(key.shape[2], device=key.device)
+    q_end = positions[1] if positions is not None else key.shape[2]
+    probs = _probs(_grouped(query[:, :, -w:], key.shape[1]), key, attn,
+                   torch.arange(q_end - w, q_end, device=key.device), key_pos)
+    return probs.reshape(query.shape[0], query.shape[1], w, key.shape[2])
+
+
 def attention_with_row(query, key, value, scaling=None):
     """Attention of one query per head on every key (a plain layer), and its softmax row averaged over each
     KV group: the output (B, 1, Hq, D) as the base implementations return it, the row (B, Hkv, kv_len)."""
@@ -338,6 +353,15 @@ def compute_stats(request: StatsRequest, query, key, attn=None, positions=None) 
         # a single decode query: its row is the column sum of one query
         stats.row = stats.colsum if query.shape[2] > 1 else attention_column_sums(query, key, attn, positions=positions)
     return stats
+
+
+def output_projection(module) -> torch.Tensor:
+    """`StatsRequest.out_proj`: the layer's output projection weight (hidden, query_heads x head_dim)."""
+    proj = getattr(module, "o_proj", None)
+    if proj is None or getattr(proj, "weight", None) is None:
+        raise KVBenchError(f"this method weighs values by the layer's output projection, and "
+                           f"{type(module).__name__} has no o_proj weight: choose a method without method.critical")
+    return proj.weight
 
 
 # ----------------------------------------------------------------------------- queries before RoPE

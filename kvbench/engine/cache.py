@@ -34,14 +34,18 @@ order; every rule is stated on positions.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.engine.architecture import layer_windows, text_config
 from kvbench.engine.budget import Budget
+from kvbench.engine.quantized import BITS, QuantizedKV
 from kvbench.engine.ragged import RaggedKV
 from kvbench.engine.selection import lowest, oldest, select, select_per_head
 from kvbench.engine.types import ModelShape, Policy, Stats, StatsRequest, Victim
+from kvbench.errors import KVBenchError
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,9 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, torch.Tensor] = {}
         self.moved = False  # shifted mode: some key's rank differs from the position it was stored at
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
+        self.own_allocation: tuple[int | None, int, int] | None = None  # the method's for this layer, at the prompt
+        self.notes: dict = {}  # the method's per-layer values for this sequence
+        self.quant: QuantizedKV | None = None  # KIVI (method.quant): the layer's store after the prompt
         self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
         self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (kv or a state group, its row index)
@@ -90,10 +97,10 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def allocation(self) -> tuple[int | None, int, int] | None:
-        """(budget, sinks, recent) of this layer: the cache's, and on a sliding layer at most its window's
-        `window - 1` tokens (what the model itself keeps), no sinks (they left the window), the recent
-        window cut to the budget."""
-        allocation = self.owner.allocation
+        """(budget, sinks, recent) of this layer: the cache's (or the method's for this layer), and on a
+        sliding layer at most its window's `window - 1` tokens (what the model itself keeps), no sinks (they
+        left the window), the recent window cut to the budget."""
+        allocation = self.own_allocation or self.owner.allocation
         if allocation is None or self.window is None:
             return allocation
         budget, _, recent = allocation
@@ -153,6 +160,10 @@ class CompressedLayer(CacheLayerMixin):
         self._set_buffers(kv, groups)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.quant is not None:  # attention reads the dequantized keys and values
+            self.quant.append(key_states, value_states)
+            self.seen += key_states.shape[2]
+            return self.quant.keys(), self.quant.values()
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
             groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
             if groups > 1:
@@ -218,6 +229,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.view("pos"), self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.quant is not None:
+            return self.quant.length + query_length, 0
         if self.ragged is not None:
             return self.ragged.max_len + self.ragged.decoded + query_length, 0
         return self.length + query_length, 0
@@ -236,6 +249,9 @@ class CompressedLayer(CacheLayerMixin):
         self.gaps = False
         self.ring_end, self.rotation = 0, 0
         self.ragged = None
+        self.own_allocation = None
+        self.notes = {}
+        self.quant = None
         self.is_initialized = False
 
     # -- compression
@@ -293,14 +309,38 @@ class CompressedLayer(CacheLayerMixin):
         """Tokens each KV head of sequence 0 holds now (None before any token)."""
         if self.ragged is not None:
             return self.ragged.kept_per_head[0].tolist()
+        if self.quant is not None:
+            return [self.quant.length] * self.kv_heads
         if not self.is_initialized or self.keys is None:
             return None
         return [self.length] * self.keys.shape[1]
 
     def bytes_per_token(self) -> int:
-        """Bytes of one token's key and value in one head."""
+        """Bytes of one token's key and value in one head, unquantized."""
+        if self.quant is not None:
+            return 2 * self.head_dim * self.dtype.itemsize
         keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
         return 2 * keys.shape[-1] * keys.element_size()
+
+    def kept_bytes(self) -> int:
+        """Bytes one sequence's KV holds in this layer (a quantized store: its codes, scales, zeros and
+        full-precision residual, as held)."""
+        if self.quant is not None:
+            return self.quant.nbytes // self.quant.res_k.shape[0]
+        return sum(self.kept_per_head()) * self.bytes_per_token()
+
+    def to_quantized(self, store: QuantizedKV) -> None:
+        """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a KIVI store; the
+        dense buffers and per-token states are freed (a prefill-stage method is done with them)."""
+        self.head_dim = self.keys.shape[-1]
+        if self.head_dim % store.group:
+            raise KVBenchError(f"method.quant_group={store.group} must divide the model's head dim {self.head_dim}: "
+                               "set method.quant_group to a divisor of it")
+        store.append(self.keys[:, :, : self.length], self.values[:, :, : self.length])
+        self.quant = store
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
+        self.length = 0
 
     def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
         """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
@@ -427,11 +467,30 @@ class CompressedCache(Cache):
         sin = (sin / scale).view(b, h, n, d).to(keys.dtype)
         return keys * cos + rotate_half(keys) * sin
 
-    def _allocate(self, layer: CompressedLayer) -> tuple[int | None, int, int]:
-        """The method's allocation for the prompt (once), as it applies to `layer` (see its `allocation`)."""
+    def _allocate(self, layer: CompressedLayer, stats: Stats | None = None) -> tuple[int | None, int, int]:
+        """The method's allocation for the prompt (once), and with the prompt's `stats` the method's choice
+        for this layer (once), as it applies to `layer` (see its `allocation`)."""
         if self.allocation is None:
             self.allocation = self.method.allocate(self.budget_spec, self.prompt_len)
+        if stats is not None and layer.own_allocation is None:
+            self._layer_allocations(layer, stats)
         return layer.allocation
+
+    def _layer_allocations(self, layer: CompressedLayer, stats: Stats) -> None:
+        """The method's per-layer budgets at `layer`'s prompt cut; earlier layers given less are cut again."""
+        allocations = self.method.layer_allocations(self.layers[: layer.layer_idx + 1], stats, self.allocation,
+                                                    self.shape)
+        if allocations is None:
+            return
+        *earlier, layer.own_allocation = allocations
+        for other, allocation in zip(self.layers, earlier):
+            if allocation is None or allocation == other.own_allocation:
+                continue
+            other.own_allocation = allocation
+            budget, sinks, recent = other.allocation
+            if budget is not None and other.ragged is None and other.length > budget:
+                keep = select(other, self.method.recut_scores(other), budget, sinks, recent)
+                other.compact(keep, 1 if self.method.stage == "decode" else self.reserve)
 
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
@@ -439,7 +498,10 @@ class CompressedCache(Cache):
             return StatsRequest()
         if self.phase == "decode" and self.method.stage != "decode":
             return StatsRequest()
-        return self.method.stats_request(self.phase)
+        request = self.method.stats_request(self.phase)
+        if self.phase == "prefill" and self.method.critical:
+            request = replace(request, out_proj=True)
+        return request
 
     def after_attention(self, layer_idx: int, stats: Stats) -> None:
         layer = self.layers[layer_idx]
@@ -456,13 +518,21 @@ class CompressedCache(Cache):
         while layer.window and layer.length > layer.window - 1:  # a decode step: the oldest left the window
             victim = layer.oldest_in_ring(0)
             layer.evict(oldest(layer, 0) if victim is None else victim)
+        bits = BITS.get(self.method.quant)
+        if bits and layer.quant is None and layer.ragged is None and not layer.window and layer.length:
+            # KIVI after the prompt's cut (its attention in full precision); sliding layers keep their window as is
+            layer.to_quantized(QuantizedKV(bits, self.method.quant_group, self.method.quant_residual))
 
     def _compress(self, layer: CompressedLayer, stats: Stats) -> None:
         method = self.method
         if self.phase == "prefill":
-            budget, sinks, recent = self._allocate(layer)
+            budget, sinks, recent = self._allocate(layer, stats)
             if layer.window and method.per_head:
                 return  # per-head budgets compress the full-attention layers; a sliding layer keeps its window
+            if budget is None and layer.capacity < layer.length + self.reserve:  # the method left it whole
+                layer.compact(torch.arange(layer.length, device=layer.device).expand(*layer.keys.shape[:2], -1),
+                              self.reserve)
+                return
             scores = method.prefill_scores(layer, stats)
             if budget is not None and layer.length > budget and method.per_head:
                 if sinks or recent:  # protected in every head (each query head's, gqa: expand), whatever its budget
@@ -470,9 +540,15 @@ class CompressedCache(Cache):
                     protected = protected.repeat_interleave(scores.shape[1] // protected.shape[1], dim=1)
                     scores = scores.float().masked_fill(protected, float("inf"))
                 budgets = method.head_budgets(layer.layer_idx, scores, budget, self.shape)
+                if method.critical:
+                    scores = method.cut_scores(layer, stats, scores, budgets, budget)
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
             elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
+                if method.critical:  # protected tokens rank first in its first stage too
+                    ranked = scores.float().masked_fill(layer.protected(sinks, recent), float("inf"))
+                    budgets = torch.full(scores.shape[:2], budget, dtype=torch.long, device=scores.device)
+                    scores = method.cut_scores(layer, stats, ranked, budgets, budget)
                 keep = select(layer, scores, budget, sinks, recent, method.chunk)
                 method.before_compact(layer, keep)
                 layer.compact(keep, extra)
@@ -512,7 +588,7 @@ class CompressedCache(Cache):
             kept_tokens += sum(kept)
             full_tokens += full
             peak_tokens += max(sum(kept), layer.peak * len(kept))  # a ragged store only grows after its prompt
-            kept_bytes += sum(kept) * per_token
+            kept_bytes += layer.kept_bytes()
             full_bytes += full * per_token
             per_layer.append(kept)
             budget = layer.allocation[0] if self.method.compresses and layer.allocation else None

@@ -29,10 +29,12 @@ class StatsRequest:
     row: bool = False  # attention of the (single) decode query on each key
     per_query_head: bool = False  # the window statistic per query head, not averaged over a GQA group
     queries: bool = False  # the layer's queries before RoPE and the model's RoPE tables (Stats.queries, .rope)
+    out_proj: bool = False  # the layer's output projection weight (Stats.out_proj)
+    window_probs: int = 0  # the attention rows of the last `window_probs` queries, per query head (Stats.window_probs)
 
     def any(self) -> bool:
         """An attention statistic is asked for (the queries are no attention statistic)."""
-        return self.colsum or self.window > 0 or self.row
+        return self.colsum or self.window > 0 or self.row or self.window_probs > 0
 
 
 @dataclass
@@ -43,7 +45,13 @@ class Stats:
     Asked for `queries`: `queries` (batch, query_heads, n_queries, head_dim), the call's queries before RoPE in
     their own dtype (RoPE undone at their positions: what the layer's projection, and its norm if any, gave),
     and `rope`, the model's RoPE for this layer: positions (n,) long -> cos, sin (n, head_dim) float32 as the
-    model applies them (x cos + rotate_half(x) sin; its attention scaling included)."""
+    model applies them (x cos + rotate_half(x) sin; its attention scaling included).
+
+    Asked for `window_probs` = w: the softmax rows of the last w queries, (batch, query_heads, w, kv_len)
+    float32 (causal, with the layer's softcap, window and sinks), before any cut.
+
+    Asked for `out_proj`: the layer's output projection weight (hidden, query_heads x head_dim), as the
+    module holds it (query head h's block is columns h x head_dim to (h + 1) x head_dim)."""
 
     n_queries: int
     colsum: torch.Tensor | None = None
@@ -51,12 +59,15 @@ class Stats:
     row: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    out_proj: torch.Tensor | None = None
+    window_probs: torch.Tensor | None = None
 
     def last(self, n: int) -> Stats:
         """The statistics of the last `n` keys (a sliding layer's window, cut before the method sees it);
         the queries are not per key and stay whole."""
         cut = lambda x: None if x is None else x[..., -n:]  # noqa: E731
-        return replace(self, colsum=cut(self.colsum), window=cut(self.window), row=cut(self.row))
+        return replace(self, colsum=cut(self.colsum), window=cut(self.window), row=cut(self.row),
+                       window_probs=cut(self.window_probs))
 
 
 class Victim(NamedTuple):
@@ -86,6 +97,7 @@ class LayerView(Protocol):
     length: int  # valid slots
     seen: int  # tokens ever written: the next original position
     recent: int  # the protected recent window of this layer's allocation (0 before the prompt's cut)
+    notes: dict  # a method's own per-layer values for this sequence (e.g. CAKE's layer preference)
     index: tuple[torch.Tensor, ...]  # batch and head index tensors that address one slot per (batch, head)
 
     def view(self, name: str) -> torch.Tensor: ...
@@ -104,16 +116,28 @@ class Policy(Protocol):
     compresses: bool
     per_head: bool
     chunk: int  # > 0: the prompt cut keeps whole chunks of `chunk` positions (ChunkKV; `selection.chunk_rank`)
+    critical: bool  # the prompt cut re-ranks by `cut_scores`, which needs the output projection (CriticalKV)
+    quant: str  # none | kivi2 | kivi4: the KV after the prompt's cut held quantized (kvbench.engine.quantized)
+    quant_group: int
+    quant_residual: int
     slot_state: tuple[str, ...]
     rewritten_state: tuple[str, ...]
 
     def allocate(self, budget: Budget, prompt_len: int | None) -> tuple[int | None, int, int]: ...
+
+    def layer_allocations(self, layers: list[LayerView], stats: Stats, allocation: tuple[int | None, int, int],
+                          shape: ModelShape) -> list[tuple[int | None, int, int] | None] | None: ...
+
+    def recut_scores(self, layer: LayerView) -> torch.Tensor | None: ...
 
     def stats_request(self, phase: str) -> StatsRequest: ...
 
     def prefill_scores(self, layer: LayerView, stats: Stats) -> torch.Tensor | None: ...
 
     def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor: ...
+
+    def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor, budgets: torch.Tensor,
+                   budget: int) -> torch.Tensor: ...
 
     def decode_update(self, layer: LayerView, stats: Stats) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvbench.errors import KVBenchError, build_dataclass
 from kvbench.methods.ada_snapkv import AdaSnapKV
 from kvbench.methods.base import Method
+from kvbench.methods.cake import CAKE
 from kvbench.methods.duo_attention import DuoAttention
 from kvbench.methods.expected_attention import ExpectedAttention
 from kvbench.methods.full import Full
@@ -14,7 +15,9 @@ from kvbench.methods.keydiff import KeyDiff
 from kvbench.methods.knorm import Knorm
 from kvbench.methods.lagkv import LagKV
 from kvbench.methods.pyramidkv import PyramidKV
+from kvbench.methods.qfilter import QFilter
 from kvbench.methods.randomkv import Random
+from kvbench.methods.simlayerkv import SimLayerKV
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.tova import TOVA
@@ -24,7 +27,7 @@ from kvbench.methods.weightedkv import WeightedKV
 REGISTRY: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (Full, StreamingLLM, H2O, VATP, Scissorhands, SnapKV, TOVA, WeightedKV, HeadKV, AdaSnapKV, PyramidKV,
-                Knorm, KeyDiff, LagKV, Random, ExpectedAttention, DuoAttention)
+                Knorm, KeyDiff, LagKV, Random, ExpectedAttention, DuoAttention, QFilter, SimLayerKV, CAKE)
 }
 
 

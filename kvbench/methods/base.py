@@ -5,6 +5,7 @@ A method is a small dataclass. The engine asks it four things:
 - `allocate(budget, L)`: the budget in tokens C for a prompt of L tokens, and
   how many of them are protected sinks (the first positions) and how many form
   the protected recent window (default: `budget.resolve(L)` and `split(C)`);
+  `layer_allocations` may give each layer its own at the prompt;
 - `stats_request(phase)`: which attention statistics the attention function
   must compute in this phase (`prefill` or `decode`);
 - `prefill_scores(layer, stats)`: an importance per cached token after the
@@ -27,6 +28,8 @@ import torch
 from kvbench.engine.budget import Budget
 from kvbench.engine.types import LayerView, ModelShape, Stats, StatsRequest, Victim
 from kvbench.errors import KVBenchError
+from kvbench.methods.critical import critical_scores
+from kvbench.methods.layers import pyramid_cap
 
 __all__ = ["Method", "ModelShape", "Victim"]
 
@@ -35,6 +38,8 @@ GQA_LAYOUTS = ("kv", "expand")
 HEAD_LAYOUTS = ("equal", "ada")
 POSITIONS = ("original", "shifted")
 QUERY_MODES = ("aware", "agnostic")
+LAYER_SCHEDULES = ("uniform", "pyramid")
+QUANT_MODES = ("none", "kivi2", "kivi4")
 
 
 @dataclass
@@ -54,6 +59,22 @@ class Method:
     # consecutive positions, ranked by the method's scores summed over heads and averaged over the chunk, the
     # same chunks in every head (methods with a plain top-k cut, stage prefill; see engine.selection.chunk_rank)
     chunk: int = 0
+    # CriticalKV (arXiv:2502.03805; kvpress CriticalKVPress, CriticalAdaKVPress with heads: ada): the prompt cut
+    # keeps each head's top critical_ratio share by the method's score, the rest by (score + critical_epsilon)
+    # x ||W_o v||_1 (kvbench.methods.critical)
+    critical: bool = False
+    critical_ratio: float = 0.5
+    critical_epsilon: float = 1e-4
+    # uniform: every layer keeps C | pyramid: PyramidKV's schedule of layer budgets, mean C, lower layers more
+    # (kvbench.methods.layers; for methods with a plain top-k cut, stage prefill)
+    layers: str = "uniform"
+    pyramid_beta: int = 20
+    # none | kivi2 | kivi4: KIVI (arXiv:2402.02750): after the prompt's cut the layer's KV is held at 2 or 4 bits,
+    # keys per channel and values per token in groups of quant_group, the newest quant_residual tokens unquantized
+    # (kvbench.engine.quantized); for a full cache and prefill-stage methods
+    quant: str = "none"
+    quant_group: int = 32
+    quant_residual: int = 128
 
     name: ClassVar[str] = "base"
     # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
@@ -102,6 +123,12 @@ class Method:
                 raise KVBenchError(f"method.ada_floor={self.ada_floor} must be in [0, 1]")
         if self.chunk:
             self._check_chunk()
+        if self.critical:
+            self._check_critical()
+        if self.layers != "uniform":
+            self._check_layers()
+        if self.quant != "none":
+            self._check_quant()
         if self.gqa == "expand" and self.compresses and not self.expands:
             raise KVBenchError(
                 f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
@@ -124,6 +151,54 @@ class Method:
         if self.stage != "prefill":
             raise KVBenchError("method.chunk chooses chunks once, at the prompt cut: use method.stage=prefill")
 
+    def _check_critical(self) -> None:
+        """`critical` re-ranks a prompt cut of scores for every prompt token, one set per KV head."""
+        if not self.compresses or not (self.adapts or self.expands):
+            raise KVBenchError(f"method.critical re-ranks a method that scores every prompt token (knorm, keydiff, "
+                               f"lagkv, snapkv, expected_attention, pyramidkv, ...); {self.name} does not: use "
+                               "method.critical=false")
+        if self.stage != "prefill":
+            raise KVBenchError("method.critical re-ranks the prompt cut: use method.stage=prefill")
+        if self.gqa != "kv":
+            raise KVBenchError("method.critical weighs each KV head's values: use method.gqa=kv")
+        if self.chunk:
+            raise KVBenchError("method.critical ranks tokens, method.chunk whole chunks: set one of them")
+        if not 0 <= self.critical_ratio <= 1:
+            raise KVBenchError(f"method.critical_ratio={self.critical_ratio} must be in [0, 1]")
+
+    def _check_layers(self) -> None:
+        if self.layers not in LAYER_SCHEDULES:
+            raise KVBenchError(f"method.layers={self.layers} is not one of: {', '.join(LAYER_SCHEDULES)}")
+        if not self.compresses or not (self.adapts or self.expands) or (self.per_head and self.heads != "ada"):
+            raise KVBenchError(f"method.layers={self.layers} sets layer budgets for a method with a plain top-k cut "
+                               f"(knorm, snapkv, expected_attention, ...); {self.name} sets its own: use "
+                               "method.layers=uniform")
+        if self.stage != "prefill":
+            raise KVBenchError(f"method.layers={self.layers} sets budgets at the prompt: use method.stage=prefill")
+        if self.pyramid_beta < 1:
+            raise KVBenchError(f"method.pyramid_beta={self.pyramid_beta} must be >= 1")
+
+    def _check_quant(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise KVBenchError(f"method.quant={self.quant} is not one of: {', '.join(QUANT_MODES)}")
+        if self.compresses and self.stage != "prefill":
+            raise KVBenchError("method.quant holds the KV quantized after the prompt's cut; evicting from it while "
+                               "decoding is not built yet: use method.stage=prefill")
+        if self.per_head or self.positions != "original":
+            raise KVBenchError("method.quant takes one store per layer at original positions: use a method "
+                               "without per-head budgets and method.positions=original")
+        if self.quant_group < 1 or self.quant_residual < self.quant_group or self.quant_residual % self.quant_group:
+            raise KVBenchError(f"method.quant_residual={self.quant_residual} must be a positive multiple of "
+                               f"method.quant_group={self.quant_group}")
+
+    def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor, budgets: torch.Tensor,
+                   budget: int) -> torch.Tensor:
+        """With `critical`: the scores the prompt cut ranks by once each head's budget (batch, heads) is known
+        (protected tokens at +inf), CriticalKV's two stages (`kvbench.methods.critical`)."""
+        safe = int(budget * self.ada_floor) if self.heads == "ada" else 0
+        return critical_scores(scores, layer.view("values"), stats.out_proj, budgets, self.critical_ratio,
+                               self.critical_epsilon, safe)
+
     @property
     def per_head(self) -> bool:
         """Heads keep different numbers of tokens (a ragged store, sized by `head_budgets`)."""
@@ -140,10 +215,13 @@ class Method:
 
     @property
     def run_label(self) -> str:
-        """The label with `-chunkN` for ChunkKV's chunk-wise cut and `-agnostic` for query-agnostic
-        compression (rows papers report apart; a full cache is the same either way)."""
-        return (self.label + (f"-chunk{self.chunk}" if self.chunk else "")
-                + ("-agnostic" if self.query == "agnostic" and self.compresses else ""))
+        """The label and the settings papers report as rows apart: `-chunkN` (ChunkKV), `-critical` (CriticalKV),
+        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-agnostic` (query-agnostic
+        compression; a full cache is the same either way)."""
+        suffixes = [f"chunk{self.chunk}" if self.chunk else "", "critical" if self.critical else "",
+                    self.layers if self.layers != "uniform" else "", self.quant if self.quant != "none" else "",
+                    "agnostic" if self.query == "agnostic" and self.compresses else ""]
+        return "-".join([self.label, *filter(None, suffixes)])
 
     def head_budgets(self, layer_idx: int, scores: torch.Tensor, budget: int, shape: ModelShape) -> torch.Tensor:
         """`heads: ada` (Ada-KV as kvpress's AdaKVPress computes it): each head's top int(ada_floor x C) scores
@@ -164,6 +242,25 @@ class Method:
             return None, 0, 0
         sinks, recent = self.split(total)
         return total, sinks, recent
+
+    def layer_allocations(self, layers: list[LayerView], stats: Stats, allocation: tuple[int | None, int, int],
+                          shape: ModelShape):
+        """Per-layer budgets, asked at each layer's prompt cut with the layers so far (the last is this one,
+        `stats` its statistics): None for the prompt's `allocation` everywhere (`layers: uniform`), or one
+        entry per layer, (C, sinks, recent) ((None, 0, 0): no limit) or None (unchanged). An earlier layer
+        given a smaller budget is cut again by `recut_scores` (CAKE's cascade). `layers: pyramid` sets this
+        layer's from PyramidKV's schedule (`kvbench.methods.layers`)."""
+        budget, sinks, recent = allocation
+        if self.layers == "uniform" or budget is None:
+            return None
+        layer, protected = layers[-1], sinks + recent
+        cap = pyramid_cap(layer.layer_idx, shape.num_layers, budget - protected, layer.seen - protected,
+                          self.pyramid_beta)
+        return [None] * (len(layers) - 1) + [(cap + protected, sinks, recent)]
+
+    def recut_scores(self, layer: LayerView) -> torch.Tensor | None:
+        """Scores for cutting an earlier layer again (`layer_allocations`); None: keep the most recent."""
+        return None
 
     def split(self, budget: int) -> tuple[int, int]:
         """(sinks, recent) protected inside a budget of `budget` tokens; their sum never exceeds it."""

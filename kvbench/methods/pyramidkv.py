@@ -22,25 +22,11 @@ import torch
 from kvbench.engine.types import ModelShape
 from kvbench.errors import KVBenchError
 from kvbench.methods.headwise import HeadwiseSnapKV
-
-
-def pyramid_cap(layer_idx: int, num_layers: int, per_head: int, prefix: int, beta: int) -> int:
-    """Prefix tokens per head in layer `layer_idx`; see the module docstring."""
-    if num_layers == 1:
-        return per_head
-    lo = per_head // beta
-    hi = 2 * per_head - lo
-    if hi >= prefix:
-        hi = prefix
-        lo = 2 * per_head - hi
-    step = (hi - lo) // (num_layers - 1)
-    return hi - layer_idx * step
+from kvbench.methods.layers import pyramid_cap
 
 
 @dataclass
 class PyramidKV(HeadwiseSnapKV):
-    pyramid_beta: int = 20
-
     name: ClassVar[str] = "pyramidkv"
     query_aware: ClassVar[bool] = True
     cost: ClassVar[str] = "SnapKV's window attention; per-layer budgets, ragged store"

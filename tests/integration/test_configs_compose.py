@@ -48,6 +48,8 @@ def extra_overrides(group: str, name: str) -> list[str]:
         return [f"paths.head_scores={SMOKE_HEAD_SCORES}"]  # the default model (tiny)'s scores
     if group == "method" and name == "duo_attention":  # a pattern for the tiny model
         return [f"method.patterns={REPO / 'tests' / 'fixtures' / 'duo_attention' / 'tiny'}"]
+    if group == "method" and name == "qfilter":  # the tiny GQA model's filters (the default model has no hub id)
+        return [f"method.filters={REPO / 'tests' / 'fixtures' / 'qfilter' / 'tiny'}"]
     return []
 
 

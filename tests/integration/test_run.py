@@ -132,9 +132,10 @@ def test_bad_budget_writes_nothing(tmp_path):
 def test_override_precheck_names_valid_choices():
     assert check_overrides(["method=full,streamingllm", "budget.tokens=32,64"]) is None
     assert check_overrides(["method=h2oo"]) == (
-        "unknown method 'h2oo'; choose one of: ada_snapkv, duo_attention, expected_attention, full, h2o, h2o-sink4, "
-        "headkv, keydiff, knorm, lagkv, pyramidkv, random, scissorhands, snapkv, snapkv-agnostic, streamingllm, tova, "
-        "vatp, vatp-scissorhands, weightedkv"
+        "unknown method 'h2oo'; choose one of: ada_snapkv, cake, critical_adakv_expected_attention, "
+        "critical_expected_attention, critical_snapkv, duo_attention, expected_attention, full, h2o, h2o-sink4, headkv, "
+        "keydiff, kivi, knorm, lagkv, pyramidkv, qfilter, random, scissorhands, simlayerkv, snapkv, snapkv-agnostic, "
+        "streamingllm, tova, vatp, vatp-scissorhands, weightedkv"
     )
     assert "choose one of" in check_overrides(["model=llama3"])
     assert "choose one of" in check_overrides(["task=longbenc"])
@@ -192,7 +193,7 @@ def test_cli_demo_experiment(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["method=h2oo"], "unknown method 'h2oo'; choose one of: ada_snapkv, duo_attention, expected_attention, full"),
+        (["method=h2oo"], "unknown method 'h2oo'; choose one of: ada_snapkv, cake, critical_adakv_expected_attention"),
         (["model=gpt5"], "unknown model 'gpt5'; choose one of:"),
         (["method=streamingllm", "budget.tokens=0"], "a budget must be a number > 0"),
         (["model=llama2-7b-chat", "logger=none"], "hf download meta-llama/Llama-2-7b-chat-hf"),

@@ -239,8 +239,12 @@ def test_half_precision_stays_finite(dtype, name, half_models):
         layer = cache.layers[0]
         if duo:
             continue  # retrieval heads keep the prompt, streaming heads the window: test_duo_attention.py
-        if layer.ragged is not None:  # per-head budgets: at budget 1 every head keeps 1
+        if layer.ragged is not None and cfg.get("heads") == "ada":  # Ada-KV: the heads share 2 x the budget
+            assert layer.ragged.kept_per_head.sum().item() == 2 * expected, (name, tokens)
+        elif layer.ragged is not None:  # per-head budgets: at budget 1 every head keeps 1
             assert layer.ragged.kept_per_head.tolist() == [[expected] * 2], (name, tokens)
+        elif cfg["name"] == "simlayerkv":  # a lazy layer holds the budget, any other its whole cache
+            assert layer.length in (min(expected, 66), 66), (name, tokens)
         elif cfg["name"] != "full":
             assert layer.length == min(expected, 66), (name, tokens)
 

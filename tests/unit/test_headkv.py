@@ -17,7 +17,7 @@ from kvbench.methods import build
 from kvbench.methods.ada_snapkv import ada_caps
 from kvbench.methods.head_scores import load_head_scores
 from kvbench.methods.headkv import headkv_caps
-from kvbench.methods.pyramidkv import pyramid_cap
+from kvbench.methods.layers import pyramid_cap
 from tests.helpers import SCALING, D, FakeModule, dot, ragged_kept, scores_file, softmax
 
 # ----------------------------------------------------------------------------- head-score files

@@ -198,7 +198,8 @@ def test_every_registered_method_has_a_config_and_a_case():
     # weightedkv: test_weightedkv.py; per-head budgets: test_headkv.py; key/value scorers: test_scorers.py
     others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv",
               "knorm", "keydiff", "lagkv", "random",  # test_scorers.py
-              "duo_attention", "expected_attention"}  # test_duo_attention.py, test_expected_attention.py
+              "duo_attention", "expected_attention", "qfilter",  # test_duo_attention.py, test_expected_attention.py,
+              "simlayerkv", "cake"}  # test_qfilter.py, test_simlayerkv.py, test_cake.py
     assert {c[0]["name"] for c in CASES} | others == set(REGISTRY)
 
 

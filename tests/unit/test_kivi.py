@@ -1,0 +1,92 @@
+"""`method.quant=kivi2|kivi4`: KIVI's quantized KV in the engine, alone (a full cache) and after a prompt-stage
+method's cut. What the attention reads after the prompt equals the loops' quantization (tests/unit/
+test_quantized.py's references) of exactly the tokens the same method keeps unquantized; the newest tokens stay
+exact; meta's bytes are the store's; sliding layers keep their window; batched equals alone."""
+
+import pytest
+import torch
+
+from kvbench.engine import Budget, Session, install
+from kvbench.errors import KVBenchError
+from kvbench.methods import build
+from kvbench.models.families import tiny_model
+from tests.helpers import assert_batched_equals_alone
+from tests.unit.test_quantized import ref_keys, ref_values
+
+SETTINGS = {"quant_group": 8, "quant_residual": 16}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_model("llama", num_hidden_layers=2)
+    install(model, "sdpa")
+    return model
+
+
+def prompt(n, seed=0):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("cfg", [{"name": "full"}, {"name": "snapkv", "window": 4}, {"name": "knorm"},
+                                 {"name": "expected_attention"}], ids=lambda c: c["name"])
+def test_the_store_holds_the_loops_quantization_of_the_kept_tokens(llama, cfg, bits):
+    ids = prompt(53)
+    plain = Session(llama, build(cfg), Budget(tokens=40))
+    plain.prefill(ids)
+    quant = Session(llama, build({**cfg, "quant": f"kivi{bits}", **SETTINGS}), Budget(tokens=40))
+    quant.prefill(ids)
+    for dense, layer in zip(plain.cache.layers, quant.cache.layers):
+        keys, values = dense.view("keys"), dense.view("values")  # the kept tokens, in position order
+        n = keys.shape[2]
+        m = ((n - 16) // 8 + 1) * 8  # whole groups leave fewer than 16 in the residual
+        assert layer.quant.quantized_length == m and layer.quant.length == n
+        torch.testing.assert_close(layer.quant.keys()[:, :, :m], ref_keys(keys[:, :, :m], bits, 8)[1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.quant.values()[:, :, :m], ref_values(values[:, :, :m], bits, 8)[1],
+                                   rtol=0, atol=1e-6)
+        assert torch.equal(layer.quant.keys()[:, :, m:], keys[:, :, m:])  # the residual: exact
+    summary = quant.cache.kv_summary()
+    assert summary["kv_kept_bytes"] == sum(layer.quant.nbytes for layer in quant.cache.layers)
+    assert summary["kv_kept_tokens"] == plain.cache.kv_summary()["kv_kept_tokens"]
+    assert summary["kv_kept_bytes"] < plain.cache.kv_summary()["kv_kept_bytes"]
+
+
+def test_a_residual_above_everything_is_the_unquantized_run(llama):
+    ids = prompt(30, seed=1)
+    for cfg in ({"name": "full"}, {"name": "knorm"}):
+        plain = Session(llama, build(cfg), Budget(tokens=20), reserve=8).generate(ids, 8, []).tokens
+        quant = Session(llama, build({**cfg, "quant": "kivi2", "quant_group": 8, "quant_residual": 64}),
+                        Budget(tokens=20), reserve=8).generate(ids, 8, []).tokens
+        assert quant == plain
+
+
+def test_decoding_appends_and_flushes_whole_groups(llama):
+    session = Session(llama, build({"name": "full", "quant": "kivi4", **SETTINGS}), reserve=20)
+    session.generate(prompt(21, seed=2), 20, [])
+    layer = session.cache.layers[0]
+    assert layer.quant.length == 21 + 19 and layer.seen == 40
+    assert layer.quant.quantized_length % 8 == 0 and 8 <= layer.quant.residual_length < 16
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_batched_equals_alone_and_sliding_layers_keep_their_window(family):
+    model = tiny_model(family, num_hidden_layers=2)
+    install(model, "sdpa")
+    settings = {"name": "snapkv", "window": 4, "quant": "kivi2", **SETTINGS}
+    assert_batched_equals_alone(model, settings, 24, seed=4)
+    session = Session(model, build(settings), Budget(tokens=24), reserve=6)
+    session.generate(torch.randint(0, 128, (1, 57), generator=torch.Generator().manual_seed(4)), 6, [])
+    for layer in session.cache.layers:
+        assert (layer.quant is None) == bool(layer.window)
+
+
+def test_settings():
+    assert build({"name": "snapkv", "quant": "kivi2"}).run_label == "snapkv-kivi2"
+    assert build({"name": "full", "quant": "kivi4"}).run_label == "full-kivi4"
+    for cfg, message in (({"name": "h2o"}, "method.stage=prefill"), ({"name": "ada_snapkv"}, "per-head"),
+                         ({"name": "knorm", "heads": "ada"}, "per-head"),
+                         ({"name": "streamingllm", "positions": "shifted", "stage": "prefill"}, "positions=original"),
+                         ({"name": "full", "quant": "kivi3"}, "is not one of"),
+                         ({"name": "full", "quant_residual": 20}, "multiple")):
+        with pytest.raises(KVBenchError, match=message):
+            build({"quant": "kivi2", **cfg})
