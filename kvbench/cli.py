@@ -73,7 +73,7 @@ def method_facts(path: Path) -> str:
 
     from kvbench.methods import info
 
-    facts = info(yaml.safe_load(path.read_text())["name"])
+    facts = info(yaml.safe_load(path.read_text()))
     return (f"stages {facts['stages']} | {'query-aware' if facts['query_aware'] else 'query-agnostic'} | "
             f"extra cost: {facts['cost'] or 'none'} | {facts['reference'] or 'no reference'}")
 

@@ -42,7 +42,8 @@ def load_model(args):
         shape = argparse.Namespace(hidden=4096 if big else 256, intermediate=11008 if big else 704,
                                    layers=32 if big else 4, heads=32 if big else 8, kv_heads=32 if big else 8,
                                    max_length=args.prompt_tokens + args.new, device=args.device, dtype=args.dtype)
-        return build_model(shape), 32000
+        model = build_model(shape)
+        return model, model.config.vocab_size
     import yaml
 
     from kvbench.engine import install

@@ -34,6 +34,7 @@ order; every rule is stated on positions.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import torch
@@ -64,7 +65,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, owner: CompressedCache, layer_idx: int, window: int | None = None):
         super().__init__()
-        self.owner = owner
+        self.owner = weakref.proxy(owner)  # no reference cycle: a finished cache is freed at once, not at a gc pass
         self.layer_idx = layer_idx
         self.window = window  # sliding-window attention: a query at p sees keys p - window < pos <= p
         self.gaps = False  # a sliding layer holds tokens a method chose (not the newest in a row): mask by positions

@@ -40,12 +40,27 @@ def build(cfg) -> Method:
     return build_dataclass(REGISTRY[name], params, f"method '{name}'")
 
 
-def info(name: str) -> dict:
-    """What `kvbench list methods` shows of a method: the stages it accepts, whether it is query-aware, its
-    extra cost, its reference."""
-    cls = REGISTRY[name]
-    return {"stages": "/".join(cls.stages), "query_aware": cls.query_aware, "cost": cls.cost,
-            "reference": cls.reference}
+# settings that compose with any scorer: (is it on?, extra cost, reference), for `kvbench list methods`
+WRAPPERS = {
+    "heads": (lambda v: v == "ada", "Ada-KV head budgets, ragged store", "arXiv:2407.11550; kvpress AdaKVPress"),
+    "chunk": (bool, "chunk scores (ChunkKV)", "arXiv:2502.00299; kvpress ChunkKVPress"),
+    "critical": (bool, "||v W_o||_1 per query head at the prompt (CriticalKV)", "arXiv:2502.03805; kvpress CriticalKVPress"),
+    "layers": (lambda v: v == "pyramid", "PyramidKV layer budgets", "arXiv:2406.02069"),
+    "quant": (lambda v: v not in (None, "none"), "KV at 2/4 bits, dequantized every step (KIVI)",
+              "arXiv:2402.02750; jy-yuan/KIVI"),
+}
+
+
+def info(cfg: dict | str) -> dict:
+    """What `kvbench list methods` shows of a method config (or a registry name): the stages it accepts, whether
+    it is query-aware, its extra cost, its reference, with those of the settings it turns on (`WRAPPERS`)."""
+    cfg = {"name": cfg} if isinstance(cfg, str) else cfg
+    cls = REGISTRY[cfg["name"]]
+    on = [facts for key, (active, *facts) in WRAPPERS.items() if key in cfg and active(cfg[key])]
+    stages = cfg.get("stage", "prefill") if on else "/".join(cls.stages)
+    given = lambda items: "; ".join(x for x in items if x and x not in ("none", "—"))  # noqa: E731
+    return {"stages": stages, "query_aware": cls.query_aware, "cost": given([cls.cost, *(c for c, _ in on)]),
+            "reference": given([*(r for _, r in on), cls.reference])}
 
 
 __all__ = ["Method", "REGISTRY", "build", "info"]
