@@ -255,3 +255,28 @@ def test_bad_budgets_are_clear_errors():
             Budget(**bad)
     with pytest.raises(KVBenchError, match="needs a prompt"):
         Budget(ratio=0.5).resolve(None)
+
+
+def test_a_finished_cache_is_freed_without_a_gc_pass():
+    """No reference cycle: on a GPU a cycle kept every finished cache (a 7B model's KV) until Python's collector
+    ran, and a 16k-token check ran out of memory."""
+    import gc
+    import weakref
+
+    from kvbench.engine import Session, install
+    from kvbench.models.families import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    install(model, "sdpa")
+    gc.disable()
+    try:
+        refs = []
+        for cfg in ({"name": "knorm"}, {"name": "cake", "window": 4}, {"name": "full", "quant": "kivi2",
+                                                                        "quant_group": 8, "quant_residual": 16}):
+            session = Session(model, build(cfg), Budget(tokens=12), reserve=2)
+            session.generate(torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1)), 2, [])
+            refs.append(weakref.ref(session.cache))
+            del session
+        assert [r() is None for r in refs] == [True] * 3
+    finally:
+        gc.enable()
