@@ -57,7 +57,7 @@ CPU_SHAPE = {"hidden": 128, "intermediate": 344, "layers": 2, "heads": 8, "kv_he
 
 def method_configs(scores_path: str) -> dict:
     """Every registered method (its registry defaults), the wrappers on a scorer (CriticalKV, CriticalAdaKV,
-    PyramidKV layer budgets, ChunkKV), plus the plain transformers baseline. HeadKV reads the score file
+    PyramidKV layer budgets, ChunkKV, ThinK, KIVI), plus the plain transformers baseline. HeadKV reads the score file
     `scores_path`; DuoAttention and QFilter the random pattern and filters beside it
     (write_random_duo_pattern, write_random_qfilters), if there."""
     configs = {"sdpa-full": None}
@@ -80,6 +80,8 @@ WRAPPERS = {  # the settings that compose with any scorer, on representative one
                                         "critical": True},
     "knorm-pyramid": {"name": "knorm", "stage": "prefill", "layers": "pyramid"},
     "knorm-chunk10": {"name": "knorm", "stage": "prefill", "chunk": 10},
+    "snapkv-think0.5": {"name": "snapkv", "key_channels": 0.5},
+    "snapkv-kivi4": {"name": "snapkv", "quant": "kivi4", "quant_group": 8, "quant_residual": 32},  # any head dim
 }
 QFILTER_FOLDER = "random_qfilters"
 

@@ -188,6 +188,8 @@ def kvbench_attention(
         stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)
     if request.window_probs:
         stats.window_probs = window_probs(query, key, request.window_probs, attn, positions)
+    if request.window_queries:
+        stats.window_queries = query[:, :, -request.window_queries:]
     if request.queries:
         stats.queries, stats.rope = prerope_queries(kvbench_cache, module.layer_idx, query)
     if request.out_proj:

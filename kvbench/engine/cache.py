@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvbench.engine.architecture import layer_windows, text_config
 from kvbench.engine.budget import Budget
+from kvbench.engine.channels import PrunedKeys
 from kvbench.engine.quantized import BITS, QuantizedKV
 from kvbench.engine.ragged import RaggedKV
 from kvbench.engine.selection import lowest, oldest, select, select_per_head
@@ -78,6 +79,7 @@ class CompressedLayer(CacheLayerMixin):
         self.own_allocation: tuple[int | None, int, int] | None = None  # the method's for this layer, at the prompt
         self.notes: dict = {}  # the method's per-layer values for this sequence
         self.quant: QuantizedKV | None = None  # KIVI (method.quant): the layer's store after the prompt
+        self.pruned: PrunedKeys | None = None  # ThinK (method.key_channels): the layer's store after the prompt
         self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
         self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (kv or a state group, its row index)
@@ -161,10 +163,11 @@ class CompressedLayer(CacheLayerMixin):
         self._set_buffers(kv, groups)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.quant is not None:  # attention reads the dequantized keys and values
-            self.quant.append(key_states, value_states)
+        store = self.quant if self.quant is not None else self.pruned
+        if store is not None:  # attention reads the dequantized keys and values / the pruned channels as zero
+            store.append(key_states, value_states)
             self.seen += key_states.shape[2]
-            return self.quant.keys(), self.quant.values()
+            return store.keys(), store.values()
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
             groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
             if groups > 1:
@@ -230,8 +233,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.view("pos"), self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.quant is not None:
-            return self.quant.length + query_length, 0
+        if self.quant is not None or self.pruned is not None:
+            return (self.quant or self.pruned).length + query_length, 0
         if self.ragged is not None:
             return self.ragged.max_len + self.ragged.decoded + query_length, 0
         return self.length + query_length, 0
@@ -252,7 +255,7 @@ class CompressedLayer(CacheLayerMixin):
         self.ragged = None
         self.own_allocation = None
         self.notes = {}
-        self.quant = None
+        self.quant = self.pruned = None
         self.is_initialized = False
 
     # -- compression
@@ -310,15 +313,15 @@ class CompressedLayer(CacheLayerMixin):
         """Tokens each KV head of sequence 0 holds now (None before any token)."""
         if self.ragged is not None:
             return self.ragged.kept_per_head[0].tolist()
-        if self.quant is not None:
-            return [self.quant.length] * self.kv_heads
+        if self.quant is not None or self.pruned is not None:
+            return [(self.quant or self.pruned).length] * self.kv_heads
         if not self.is_initialized or self.keys is None:
             return None
         return [self.length] * self.keys.shape[1]
 
     def bytes_per_token(self) -> int:
         """Bytes of one token's key and value in one head, unquantized."""
-        if self.quant is not None:
+        if self.quant is not None or self.pruned is not None:
             return 2 * self.head_dim * self.dtype.itemsize
         keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
         return 2 * keys.shape[-1] * keys.element_size()
@@ -328,7 +331,18 @@ class CompressedLayer(CacheLayerMixin):
         full-precision residual, as held)."""
         if self.quant is not None:
             return self.quant.nbytes // self.quant.res_k.shape[0]
+        if self.pruned is not None:
+            return self.pruned.nbytes // self.pruned.all_values.shape[0]
         return sum(self.kept_per_head()) * self.bytes_per_token()
+
+    def to_pruned(self, kept: torch.Tensor) -> None:
+        """Move the layer's tokens into a store of the key channels `kept` (batch, heads, D'); the dense
+        buffers and per-token states are freed (a prefill-stage method is done with them)."""
+        self.head_dim = self.keys.shape[-1]
+        self.pruned = PrunedKeys(self.keys[:, :, : self.length], self.values[:, :, : self.length], kept)
+        self.kv = self.keys = self.values = self.scores = None
+        self.state, self.buffers, self._parts = {}, [], {}
+        self.length = 0
 
     def to_quantized(self, store: QuantizedKV) -> None:
         """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a KIVI store; the
@@ -496,12 +510,15 @@ class CompressedCache(Cache):
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
         if not self.method.compresses:
-            return StatsRequest()
+            return StatsRequest(window_queries=self.method.channel_window if self.phase == "prefill"
+                                and self.method.key_channels else 0)
         if self.phase == "decode" and self.method.stage != "decode":
             return StatsRequest()
         request = self.method.stats_request(self.phase)
         if self.phase == "prefill" and self.method.critical:
             request = replace(request, out_proj=True)
+        if self.phase == "prefill" and self.method.key_channels:
+            request = replace(request, window_queries=self.method.channel_window)
         return request
 
     def after_attention(self, layer_idx: int, stats: Stats) -> None:
@@ -519,6 +536,9 @@ class CompressedCache(Cache):
         while layer.window and layer.length > layer.window - 1:  # a decode step: the oldest left the window
             victim = layer.oldest_in_ring(0)
             layer.evict(oldest(layer, 0) if victim is None else victim)
+        if (self.method.key_channels and self.phase == "prefill" and layer.pruned is None and layer.ragged is None
+                and not layer.window and layer.length):  # ThinK after the prompt's cut
+            layer.to_pruned(self.method.kept_channels(layer, stats))
         bits = BITS.get(self.method.quant)
         if bits and layer.quant is None and layer.ragged is None and not layer.window and layer.length:
             # KIVI after the prompt's cut (its attention in full precision); sliding layers keep their window as is

@@ -31,6 +31,7 @@ class StatsRequest:
     queries: bool = False  # the layer's queries before RoPE and the model's RoPE tables (Stats.queries, .rope)
     out_proj: bool = False  # the layer's output projection weight (Stats.out_proj)
     window_probs: int = 0  # the attention rows of the last `window_probs` queries, per query head (Stats.window_probs)
+    window_queries: int = 0  # the last `window_queries` queries as the attention got them (Stats.window_queries)
 
     def any(self) -> bool:
         """An attention statistic is asked for (the queries are no attention statistic)."""
@@ -61,6 +62,7 @@ class Stats:
     rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     out_proj: torch.Tensor | None = None
     window_probs: torch.Tensor | None = None
+    window_queries: torch.Tensor | None = None  # (batch, query_heads, w, head_dim), after RoPE
 
     def last(self, n: int) -> Stats:
         """The statistics of the last `n` keys (a sliding layer's window, cut before the method sees it);
@@ -118,6 +120,8 @@ class Policy(Protocol):
     chunk: int  # > 0: the prompt cut keeps whole chunks of `chunk` positions (ChunkKV; `selection.chunk_rank`)
     critical: bool  # the prompt cut re-ranks by `cut_scores`, which needs the output projection (CriticalKV)
     quant: str  # none | kivi2 | kivi4: the KV after the prompt's cut held quantized (kvbench.engine.quantized)
+    key_channels: float  # > 0: ThinK, the prompt's key channels pruned after its cut (`kept_channels`)
+    channel_window: int
     quant_group: int
     quant_residual: int
     slot_state: tuple[str, ...]
@@ -129,6 +133,8 @@ class Policy(Protocol):
                           shape: ModelShape) -> list[tuple[int | None, int, int] | None] | None: ...
 
     def recut_scores(self, layer: LayerView) -> torch.Tensor | None: ...
+
+    def kept_channels(self, layer: LayerView, stats: Stats) -> torch.Tensor: ...
 
     def stats_request(self, phase: str) -> StatsRequest: ...
 

@@ -46,6 +46,8 @@ WRAPPERS = {
     "chunk": (bool, "chunk scores (ChunkKV)", "arXiv:2502.00299; kvpress ChunkKVPress"),
     "critical": (bool, "||v W_o||_1 per query head at the prompt (CriticalKV)", "arXiv:2502.03805; kvpress CriticalKVPress"),
     "layers": (lambda v: v == "pyramid", "PyramidKV layer budgets", "arXiv:2406.02069"),
+    "key_channels": (bool, "key channel scores after the prompt; pruned keys re-expanded every step (ThinK)",
+                     "arXiv:2407.21018; kvpress ThinKPress"),
     "quant": (lambda v: v not in (None, "none"), "KV at 2/4 bits, dequantized every step (KIVI)",
               "arXiv:2402.02750; jy-yuan/KIVI"),
 }

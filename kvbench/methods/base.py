@@ -30,6 +30,7 @@ from kvbench.engine.types import LayerView, ModelShape, Stats, StatsRequest, Vic
 from kvbench.errors import KVBenchError
 from kvbench.methods.critical import critical_scores
 from kvbench.methods.layers import pyramid_cap
+from kvbench.methods.think import kept_channels
 
 __all__ = ["Method", "ModelShape", "Victim"]
 
@@ -75,6 +76,10 @@ class Method:
     quant: str = "none"
     quant_group: int = 32
     quant_residual: int = 128
+    # ThinK (arXiv:2407.21018; kvpress ThinKPress): after the prompt's cut each KV head stores only its key channels
+    # of highest query x key energy, int(D x key_channels) of them pruned (kvbench.methods.think); 0: off
+    key_channels: float = 0.0
+    channel_window: int = 32
 
     name: ClassVar[str] = "base"
     # what `kvbench list methods` shows: scores depend on the prompt's queries (the question among them), the
@@ -129,6 +134,8 @@ class Method:
             self._check_layers()
         if self.quant != "none":
             self._check_quant()
+        if self.key_channels:
+            self._check_channels()
         if self.gqa == "expand" and self.compresses and not self.expands:
             raise KVBenchError(
                 f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
@@ -191,6 +198,20 @@ class Method:
             raise KVBenchError(f"method.quant_residual={self.quant_residual} must be a positive multiple of "
                                f"method.quant_group={self.quant_group}")
 
+    def _check_channels(self) -> None:
+        if not 0 <= self.key_channels < 1 or self.channel_window < 1:
+            raise KVBenchError(f"method.key_channels={self.key_channels} must be in [0, 1) and method.channel_window "
+                               f"={self.channel_window} >= 1")
+        if self.compresses and self.stage != "prefill" or self.per_head or self.positions != "original":
+            raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.stage=prefill, "
+                               "method.positions=original and a method without per-head budgets")
+        if self.quant != "none":
+            raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
+
+    def kept_channels(self, layer: LayerView, stats: Stats) -> torch.Tensor:
+        """ThinK: the key channels each KV head keeps after the prompt's cut (`kvbench.methods.think`)."""
+        return kept_channels(stats.window_queries, layer.view("keys"), self.key_channels)
+
     def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor, budgets: torch.Tensor,
                    budget: int) -> torch.Tensor:
         """With `critical`: the scores the prompt cut ranks by once each head's budget (batch, heads) is known
@@ -216,10 +237,11 @@ class Method:
     @property
     def run_label(self) -> str:
         """The label and the settings papers report as rows apart: `-chunkN` (ChunkKV), `-critical` (CriticalKV),
-        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-agnostic` (query-agnostic
+        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-thinkR` (ThinK), `-agnostic` (query-agnostic
         compression; a full cache is the same either way)."""
         suffixes = [f"chunk{self.chunk}" if self.chunk else "", "critical" if self.critical else "",
                     self.layers if self.layers != "uniform" else "", self.quant if self.quant != "none" else "",
+                    f"think{self.key_channels:g}" if self.key_channels else "",
                     "agnostic" if self.query == "agnostic" and self.compresses else ""]
         return "-".join([self.label, *filter(None, suffixes)])
 
