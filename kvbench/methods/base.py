@@ -31,6 +31,7 @@ from kvbench.errors import KVBenchError
 from kvbench.methods.critical import critical_scores
 from kvbench.methods.layers import pyramid_cap
 from kvbench.methods.think import kept_channels
+from kvbench.methods.wrappers import check_wrappers
 
 __all__ = ["Method", "ModelShape", "Victim"]
 
@@ -39,8 +40,6 @@ GQA_LAYOUTS = ("kv", "expand")
 HEAD_LAYOUTS = ("equal", "ada")
 POSITIONS = ("original", "shifted")
 QUERY_MODES = ("aware", "agnostic")
-LAYER_SCHEDULES = ("uniform", "pyramid")
-QUANT_MODES = ("none", "kivi2", "kivi4")
 
 
 @dataclass
@@ -126,87 +125,12 @@ class Method:
                                    "method.stage=prefill method.positions=original")
             if not 0 <= self.ada_floor <= 1:
                 raise KVBenchError(f"method.ada_floor={self.ada_floor} must be in [0, 1]")
-        if self.chunk:
-            self._check_chunk()
-        if self.critical:
-            self._check_critical()
-        if self.layers != "uniform":
-            self._check_layers()
-        if self.quant != "none":
-            self._check_quant()
-        if self.key_channels:
-            self._check_channels()
+        check_wrappers(self)
         if self.gqa == "expand" and self.compresses and not self.expands:
             raise KVBenchError(
                 f"method.gqa=expand is for snapkv, pyramidkv, ada_snapkv and headkv; {self.name} keeps one set per "
                 "KV head: use method.gqa=kv"
             )
-
-    def _check_chunk(self) -> None:
-        """`chunk` takes a method that scores every prompt token at a plain top-k cut, one set per KV head:
-        those that take `heads: ada`, and SnapKV at `gqa: kv` (its per-head forms keep their own budgets)."""
-        if self.chunk < 0:
-            raise KVBenchError(f"method.chunk={self.chunk} must be >= 0 (0: off)")
-        if self.heads == "ada":
-            raise KVBenchError("method.chunk keeps the same chunks in every head: use method.heads=equal")
-        if self.gqa == "expand":
-            raise KVBenchError("method.chunk keeps the same chunks in every head: use method.gqa=kv")
-        if not self.compresses or self.per_head or not (self.adapts or self.expands):
-            raise KVBenchError(f"method.chunk takes a method that scores every prompt token at a plain top-k cut "
-                               f"(knorm, keydiff, lagkv, random, snapkv; h2o, vatp, scissorhands, tova at "
-                               f"stage=prefill); {self.name} does not: use method.chunk=0")
-        if self.stage != "prefill":
-            raise KVBenchError("method.chunk chooses chunks once, at the prompt cut: use method.stage=prefill")
-
-    def _check_critical(self) -> None:
-        """`critical` re-ranks a prompt cut of scores for every prompt token, one set per KV head."""
-        if not self.compresses or not (self.adapts or self.expands):
-            raise KVBenchError(f"method.critical re-ranks a method that scores every prompt token (knorm, keydiff, "
-                               f"lagkv, snapkv, expected_attention, pyramidkv, ...); {self.name} does not: use "
-                               "method.critical=false")
-        if self.stage != "prefill":
-            raise KVBenchError("method.critical re-ranks the prompt cut: use method.stage=prefill")
-        if self.gqa != "kv":
-            raise KVBenchError("method.critical weighs each KV head's values: use method.gqa=kv")
-        if self.chunk:
-            raise KVBenchError("method.critical ranks tokens, method.chunk whole chunks: set one of them")
-        if not 0 <= self.critical_ratio <= 1:
-            raise KVBenchError(f"method.critical_ratio={self.critical_ratio} must be in [0, 1]")
-
-    def _check_layers(self) -> None:
-        if self.layers not in LAYER_SCHEDULES:
-            raise KVBenchError(f"method.layers={self.layers} is not one of: {', '.join(LAYER_SCHEDULES)}")
-        if not self.compresses or not (self.adapts or self.expands) or (self.per_head and self.heads != "ada"):
-            raise KVBenchError(f"method.layers={self.layers} sets layer budgets for a method with a plain top-k cut "
-                               f"(knorm, snapkv, expected_attention, ...); {self.name} sets its own: use "
-                               "method.layers=uniform")
-        if self.stage != "prefill":
-            raise KVBenchError(f"method.layers={self.layers} sets budgets at the prompt: use method.stage=prefill")
-        if self.pyramid_beta < 1:
-            raise KVBenchError(f"method.pyramid_beta={self.pyramid_beta} must be >= 1")
-
-    def _check_quant(self) -> None:
-        if self.quant not in QUANT_MODES:
-            raise KVBenchError(f"method.quant={self.quant} is not one of: {', '.join(QUANT_MODES)}")
-        if self.compresses and self.stage != "prefill":
-            raise KVBenchError("method.quant holds the KV quantized after the prompt's cut; evicting from it while "
-                               "decoding is not built yet: use method.stage=prefill")
-        if self.per_head or self.positions != "original":
-            raise KVBenchError("method.quant takes one store per layer at original positions: use a method "
-                               "without per-head budgets and method.positions=original")
-        if self.quant_group < 1 or self.quant_residual < self.quant_group or self.quant_residual % self.quant_group:
-            raise KVBenchError(f"method.quant_residual={self.quant_residual} must be a positive multiple of "
-                               f"method.quant_group={self.quant_group}")
-
-    def _check_channels(self) -> None:
-        if not 0 <= self.key_channels < 1 or self.channel_window < 1:
-            raise KVBenchError(f"method.key_channels={self.key_channels} must be in [0, 1) and method.channel_window "
-                               f"={self.channel_window} >= 1")
-        if self.compresses and self.stage != "prefill" or self.per_head or self.positions != "original":
-            raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.stage=prefill, "
-                               "method.positions=original and a method without per-head budgets")
-        if self.quant != "none":
-            raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
 
     def kept_channels(self, layer: LayerView, stats: Stats) -> torch.Tensor:
         """ThinK: the key channels each KV head keeps after the prompt's cut (`kvbench.methods.think`)."""
@@ -237,8 +161,8 @@ class Method:
     @property
     def run_label(self) -> str:
         """The label and the settings papers report as rows apart: `-chunkN` (ChunkKV), `-critical` (CriticalKV),
-        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-thinkR` (ThinK), `-agnostic` (query-agnostic
-        compression; a full cache is the same either way)."""
+        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-thinkR` (ThinK),
+        `-agnostic` (query-agnostic compression; a full cache is the same either way)."""
         suffixes = [f"chunk{self.chunk}" if self.chunk else "", "critical" if self.critical else "",
                     self.layers if self.layers != "uniform" else "", self.quant if self.quant != "none" else "",
                     f"think{self.key_channels:g}" if self.key_channels else "",
