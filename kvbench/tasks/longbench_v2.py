@@ -51,7 +51,6 @@ command that fetches it. A malformed row is one line naming the file, the row an
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -60,6 +59,8 @@ from typing import ClassVar
 
 from kvbench.engine import Sampling
 from kvbench.errors import KVBenchError
+from kvbench.tasks import hub_rows
+from kvbench.tasks.hub_rows import fetch_rows, parquet_rows
 from kvbench.tasks.longbench_rows import _absent, read_jsonl
 from kvbench.tasks.stats import Units
 
@@ -77,9 +78,8 @@ MAX_NEW, MAX_NEW_COT = 128, 1024  # pred.py's max_new_tokens: answers (and the C
 
 
 def fetch_command(hub_id: str = HUB_ID, split: str = SPLIT, out: str | None = None) -> str:
-    """The command that puts the hub dataset in the `datasets` cache (online), or writes it to `out` as jsonl."""
-    write = f".to_json('{out}')" if out else ""
-    return f"HF_HUB_OFFLINE=0 python -c \"import datasets; datasets.load_dataset('{hub_id}', split='{split}'){write}\""
+    """The command that puts LongBench v2 in the `datasets` cache (online), or writes it to `out` as jsonl."""
+    return hub_rows.fetch_command(hub_id, split, out)
 
 
 def extract_answer(response: str) -> str | None:
@@ -135,9 +135,7 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
     if path.suffix == ".jsonl":
         return [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
     if path.suffix == ".parquet":
-        import pandas as pd
-
-        return [(f"{path} row {i}", row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"), 1)]
+        return parquet_rows(path)
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -145,20 +143,6 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
     if not isinstance(rows, list):
         raise KVBenchError(f"{path}: a .json file must hold a list of rows (the hub's data.json); got {type(rows).__name__}")
     return [(f"{path} row {i}", row) for i, row in enumerate(rows, 1)]
-
-
-def fetch_rows(hub_id: str, split: str) -> list[tuple[str, dict]]:
-    """The hub dataset through `datasets` (cached); offline and not cached, one line naming the fetch."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(hub_id, split=split)
-    except Exception as err:  # noqa: BLE001 - offline, gated, renamed: one clear line
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "not in the datasets cache and HF_HUB_OFFLINE=1" if offline else f"not loadable ({type(err).__name__}: {err})"
-        raise KVBenchError(f"{hub_id} (split {split}) is {why}: run `{fetch_command(hub_id, split)}` once online, or set "
-                           "task.data_path to a local .json/.jsonl/.parquet in its schema") from None
-    return [(f"{hub_id} ({split}) row {i}", row) for i, row in enumerate(data, 1)]
 
 
 def check_row(where: str, row) -> dict:
@@ -235,7 +219,7 @@ class LongBenchV2:
                 raise KVBenchError(f"task.data_path={self.data_path} does not exist; write it online with "
                                    f"`{fetch_command(self.hub_id, self.split, self.data_path)}`")
             return read_rows(path)
-        return fetch_rows(self.hub_id, self.split)
+        return fetch_rows(self.hub_id, self.split, "a local .json/.jsonl/.parquet in its schema")
 
     def samples(self, tokenizer=None) -> list[dict]:
         samples = [check_row(where, row) for where, row in self.rows()]

@@ -34,7 +34,6 @@ Offline and not cached, the error names the `datasets` one-liner that fetches it
 from __future__ import annotations
 
 import json
-import os
 import threading
 import zlib
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import ClassVar
 from kvbench.engine import Sampling
 from kvbench.errors import KVBenchError
 from kvbench.models import wrap_chat
+from kvbench.tasks.hub_rows import fetch_command, fetch_rows, parquet_rows
 from kvbench.tasks.metrics import task_score
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -117,9 +117,7 @@ def equivalent(gold: str, answer: str | None) -> bool:
 def read_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) of a .jsonl or .parquet file."""
     if path.suffix == ".parquet":
-        import pandas as pd
-
-        return [(f"{path} row {i}", row) for i, row in enumerate(pd.read_parquet(path).to_dict("records"), 1)]
+        return parquet_rows(path)
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -132,28 +130,6 @@ def read_rows(path: Path) -> list[tuple[str, dict]]:
             raise KVBenchError(f"{path} line {number} is not a JSON object; each line needs problem and answer")
         rows.append((f"{path} line {number}", row))
     return rows
-
-
-def hub_command(hub_id: str, split: str, out: str | None = None) -> str:
-    """The command that fetches a hub dataset into the datasets cache (online), or writes it to `out` as jsonl."""
-    write = f".to_json('{out}')" if out else ""
-    return f"HF_HUB_OFFLINE=0 python -c \"import datasets; datasets.load_dataset('{hub_id}', split='{split}'){write}\""
-
-
-def fetch_rows(hub_id: str, split: str) -> list[tuple[str, dict]]:
-    """The rows of a hub dataset (cached by `datasets`); offline and not cached, one line naming the fetch."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(hub_id, split=split)
-    except Exception as err:  # noqa: BLE001 - offline, gated, renamed: one clear line
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "not in the datasets cache and HF_HUB_OFFLINE=1" if offline else f"not loadable ({type(err).__name__})"
-        raise KVBenchError(
-            f"{hub_id} (split {split}) is {why}: run `{hub_command(hub_id, split)}` once online, "
-            "or set task.data_path to a local .jsonl/.parquet with columns problem and answer"
-        ) from err
-    return [(f"{hub_id} ({split}) row {i}", row) for i, row in enumerate(data, 1)]
 
 
 def to_sample(dataset: str, where: str, index: int, row: dict) -> dict:
@@ -214,9 +190,9 @@ class Reasoning:
                 raise KVBenchError(f"task.data_path={self.data_path}: give a .jsonl or .parquet file")
             if not path.exists():
                 raise KVBenchError(f"task.data_path={self.data_path} does not exist; write it online with "
-                                   f"`{hub_command(hub_id, split, self.data_path)}`")
+                                   f"`{fetch_command(hub_id, split, self.data_path)}`")
             return read_rows(path)
-        return fetch_rows(hub_id, split)
+        return fetch_rows(hub_id, split, "a local .jsonl/.parquet with columns problem and answer")
 
     def samples(self, tokenizer=None) -> list[dict]:
         samples = [to_sample(self.dataset, where, i, row) for i, (where, row) in enumerate(self.rows())]
