@@ -35,7 +35,6 @@ order; every rule is stated on positions.
 from __future__ import annotations
 
 import weakref
-from dataclasses import replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -78,8 +77,9 @@ class CompressedLayer(CacheLayerMixin):
         self.ragged: RaggedKV | None = None  # per-head budgets: the layer's store after the prompt
         self.own_allocation: tuple[int | None, int, int] | None = None  # the method's for this layer, at the prompt
         self.notes: dict = {}  # the method's per-layer values for this sequence
-        self.quant: QuantizedKV | None = None  # KIVI (method.quant): the layer's store after the prompt
-        self.pruned: PrunedKeys | None = None  # ThinK (method.key_channels): the layer's store after the prompt
+        # after the prompt, a compact store: KIVI's quantized KV (method.quant) or ThinK's pruned keys
+        # (method.key_channels); it holds the tokens, the attention reads what its keys() and values() give
+        self.store: QuantizedKV | PrunedKeys | None = None
         self.kv: torch.Tensor | None = None  # (2, batch, heads, capacity, head_dim): keys = kv[0], values = kv[1]
         self.index: tuple[torch.Tensor, ...] = ()  # batch and head index tensors for one slot per (batch, head)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (kv or a state group, its row index)
@@ -163,11 +163,10 @@ class CompressedLayer(CacheLayerMixin):
         self._set_buffers(kv, groups)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        store = self.quant if self.quant is not None else self.pruned
-        if store is not None:  # attention reads the dequantized keys and values / the pruned channels as zero
-            store.append(key_states, value_states)
+        if self.store is not None:  # the dequantized keys and values / the pruned channels as zero
+            self.store.append(key_states, value_states)
             self.seen += key_states.shape[2]
-            return store.keys(), store.values()
+            return self.store.keys(), self.store.values()
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
             groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
             if groups > 1:
@@ -233,8 +232,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.view("pos"), self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.quant is not None or self.pruned is not None:
-            return (self.quant or self.pruned).length + query_length, 0
+        if self.store is not None:
+            return self.store.length + query_length, 0
         if self.ragged is not None:
             return self.ragged.max_len + self.ragged.decoded + query_length, 0
         return self.length + query_length, 0
@@ -255,7 +254,7 @@ class CompressedLayer(CacheLayerMixin):
         self.ragged = None
         self.own_allocation = None
         self.notes = {}
-        self.quant = self.pruned = None
+        self.store = None
         self.is_initialized = False
 
     # -- compression
@@ -313,46 +312,34 @@ class CompressedLayer(CacheLayerMixin):
         """Tokens each KV head of sequence 0 holds now (None before any token)."""
         if self.ragged is not None:
             return self.ragged.kept_per_head[0].tolist()
-        if self.quant is not None or self.pruned is not None:
-            return [(self.quant or self.pruned).length] * self.kv_heads
+        if self.store is not None:
+            return [self.store.length] * self.kv_heads
         if not self.is_initialized or self.keys is None:
             return None
         return [self.length] * self.keys.shape[1]
 
     def bytes_per_token(self) -> int:
         """Bytes of one token's key and value in one head, unquantized."""
-        if self.quant is not None or self.pruned is not None:
+        if self.store is not None:
             return 2 * self.head_dim * self.dtype.itemsize
         keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
         return 2 * keys.shape[-1] * keys.element_size()
 
     def kept_bytes(self) -> int:
-        """Bytes one sequence's KV holds in this layer (a quantized store: its codes, scales, zeros and
-        full-precision residual, as held)."""
-        if self.quant is not None:
-            return self.quant.nbytes // self.quant.res_k.shape[0]
-        if self.pruned is not None:
-            return self.pruned.nbytes // self.pruned.all_values.shape[0]
+        """Bytes one sequence's KV holds in this layer (a compact store: as it holds them)."""
+        if self.store is not None:
+            return self.store.nbytes // self.store.batch
         return sum(self.kept_per_head()) * self.bytes_per_token()
 
-    def to_pruned(self, kept: torch.Tensor) -> None:
-        """Move the layer's tokens into a store of the key channels `kept` (batch, heads, D'); the dense
-        buffers and per-token states are freed (a prefill-stage method is done with them)."""
+    def to_store(self, store: QuantizedKV | PrunedKeys) -> None:
+        """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a compact store."""
         self.head_dim = self.keys.shape[-1]
-        self.pruned = PrunedKeys(self.keys[:, :, : self.length], self.values[:, :, : self.length], kept)
-        self.kv = self.keys = self.values = self.scores = None
-        self.state, self.buffers, self._parts = {}, [], {}
-        self.length = 0
-
-    def to_quantized(self, store: QuantizedKV) -> None:
-        """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a KIVI store; the
-        dense buffers and per-token states are freed (a prefill-stage method is done with them)."""
-        self.head_dim = self.keys.shape[-1]
-        if self.head_dim % store.group:
-            raise KVBenchError(f"method.quant_group={store.group} must divide the model's head dim {self.head_dim}: "
-                               "set method.quant_group to a divisor of it")
         store.append(self.keys[:, :, : self.length], self.values[:, :, : self.length])
-        self.quant = store
+        self.store = store
+        self._free_dense()
+
+    def _free_dense(self) -> None:
+        """Drop the dense buffers and per-token states (the tokens moved to another store)."""
         self.kv = self.keys = self.values = self.scores = None
         self.state, self.buffers, self._parts = {}, [], {}
         self.length = 0
@@ -367,9 +354,7 @@ class CompressedLayer(CacheLayerMixin):
         if groups > 1:
             keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
         self.ragged = RaggedKV(keys, values, keep, pos, reserve)
-        self.kv = self.keys = self.values = self.scores = None
-        self.state, self.buffers, self._parts = {}, [], {}
-        self.length = 0
+        self._free_dense()
 
     def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None, sinks: int = 0) -> None:
         """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
@@ -435,6 +420,8 @@ class CompressedCache(Cache):
         self.reserve = reserve
         self.phase = "prefill"
         self.shifted = method.positions == "shifted"
+        # a compact store after the prompt (method.quant: KIVI, method.key_channels: ThinK); decided once
+        self.compact = method.quant != "none" or bool(method.key_channels)
         # the model's RoPE: `shifted` rotates keys with it; a method asking for queries before RoPE undoes it
         decoder = model.get_decoder() if self.shifted or hasattr(model, "get_decoder") else None
         self.rotary = decoder.rotary_emb if self.shifted else getattr(decoder, "rotary_emb", None)
@@ -507,19 +494,20 @@ class CompressedCache(Cache):
                 keep = select(other, self.method.recut_scores(other), budget, sinks, recent)
                 other.compact(keep, 1 if self.method.stage == "decode" else self.reserve)
 
+    def _compact_store(self, layer: CompressedLayer, stats: Stats) -> QuantizedKV | PrunedKeys | None:
+        """The store `layer` moves to after the prompt: ThinK's kept key channels (chosen from the prompt's
+        queries; None without a prompt, in a stream), or KIVI's quantized KV (its attention was in full precision)."""
+        method = self.method
+        if method.key_channels:
+            return PrunedKeys(method.kept_channels(layer, stats)) if stats.window_queries is not None else None
+        if layer.keys.shape[-1] % method.quant_group:
+            raise KVBenchError(f"method.quant_group={method.quant_group} must divide the model's head dim "
+                               f"{layer.keys.shape[-1]}: set method.quant_group to a divisor of it")
+        return QuantizedKV(BITS[method.quant], method.quant_group, method.quant_residual)
+
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
-        if not self.method.compresses:
-            return StatsRequest(window_queries=self.method.channel_window if self.phase == "prefill"
-                                and self.method.key_channels else 0)
-        if self.phase == "decode" and self.method.stage != "decode":
-            return StatsRequest()
-        request = self.method.stats_request(self.phase)
-        if self.phase == "prefill" and self.method.critical:
-            request = replace(request, out_proj=True)
-        if self.phase == "prefill" and self.method.key_channels:
-            request = replace(request, window_queries=self.method.channel_window)
-        return request
+        return self.method.statistics(self.phase)
 
     def after_attention(self, layer_idx: int, stats: Stats) -> None:
         layer = self.layers[layer_idx]
@@ -536,13 +524,10 @@ class CompressedCache(Cache):
         while layer.window and layer.length > layer.window - 1:  # a decode step: the oldest left the window
             victim = layer.oldest_in_ring(0)
             layer.evict(oldest(layer, 0) if victim is None else victim)
-        if (self.method.key_channels and self.phase == "prefill" and layer.pruned is None and layer.ragged is None
-                and not layer.window and layer.length):  # ThinK after the prompt's cut
-            layer.to_pruned(self.method.kept_channels(layer, stats))
-        bits = BITS.get(self.method.quant)
-        if bits and layer.quant is None and layer.ragged is None and not layer.window and layer.length:
-            # KIVI after the prompt's cut (its attention in full precision); sliding layers keep their window as is
-            layer.to_quantized(QuantizedKV(bits, self.method.quant_group, self.method.quant_residual))
+        if self.compact and layer.store is None and layer.ragged is None and not layer.window and layer.length:
+            store = self._compact_store(layer, stats)  # after the prompt's cut; a sliding layer keeps its window
+            if store is not None:
+                layer.to_store(store)
 
     def _compress(self, layer: CompressedLayer, stats: Stats) -> None:
         method = self.method
@@ -561,15 +546,11 @@ class CompressedCache(Cache):
                     protected = protected.repeat_interleave(scores.shape[1] // protected.shape[1], dim=1)
                     scores = scores.float().masked_fill(protected, float("inf"))
                 budgets = method.head_budgets(layer.layer_idx, scores, budget, self.shape)
-                if method.critical:
-                    scores = method.cut_scores(layer, stats, scores, budgets, budget)
+                scores = method.cut_scores(layer, stats, scores, budgets)
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
             elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
-                if method.critical:  # protected tokens rank first in its first stage too
-                    ranked = scores.float().masked_fill(layer.protected(sinks, recent), float("inf"))
-                    budgets = torch.full(scores.shape[:2], budget, dtype=torch.long, device=scores.device)
-                    scores = method.cut_scores(layer, stats, ranked, budgets, budget)
+                scores = method.cut_scores(layer, stats, scores, budget, layer.protected(sinks, recent))
                 keep = select(layer, scores, budget, sinks, recent, method.chunk)
                 method.before_compact(layer, keep)
                 layer.compact(keep, extra)

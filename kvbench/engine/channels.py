@@ -11,19 +11,22 @@ import torch
 
 
 class PrunedKeys:
-    """keys (B, H, n, D) whose channels `kept` (B, H, D') alone are stored, values (B, H, n, D) whole; later
-    tokens appended whole."""
+    """The first `append` (the prompt, after its cut) stores only the key channels `kept` (B, H, D') of each head;
+    later tokens are appended whole; values are kept whole."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor):
-        self.dim = keys.shape[-1]
+    def __init__(self, kept: torch.Tensor):
         self.kept = kept.sort(dim=-1).values
-        self.prefix = keys.gather(-1, self.kept[:, :, None].expand(-1, -1, keys.shape[2], -1)).contiguous()
-        self.tail_keys = keys[:, :, :0].clone()
-        self.all_values = values.clone()
+        self.prefix: torch.Tensor | None = None  # (B, H, n, D') the prompt's kept channels
+        self.tail_keys: torch.Tensor | None = None  # (B, H, t, D) the keys appended since
+        self.all_values: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.all_values.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.all_values.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -31,6 +34,11 @@ class PrunedKeys:
         return sum(t.numel() * t.element_size() for t in held)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.prefix is None:
+            self.dim = k.shape[-1]
+            self.prefix = k.gather(-1, self.kept[:, :, None].expand(-1, -1, k.shape[2], -1)).contiguous()
+            self.tail_keys, self.all_values = k[:, :, :0].clone(), v.clone()
+            return
         self.tail_keys = torch.cat((self.tail_keys, k), dim=2)
         self.all_values = torch.cat((self.all_values, v), dim=2)
 

@@ -164,6 +164,10 @@ class QuantizedKV:
         return self.quantized_length + self.residual_length
 
     @property
+    def batch(self) -> int:
+        return self.res_k.shape[0]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: codes, scales, zeros, the group index (after a `keep`) and the residual."""
         held = [*(self.k or ()), *(self.v or ()), self.key_index, self.res_k, self.res_v]

@@ -20,7 +20,7 @@ positions and budgets live once in the engine, not in each method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -136,11 +136,19 @@ class Method:
         """ThinK: the key channels each KV head keeps after the prompt's cut (`kvbench.methods.think`)."""
         return kept_channels(stats.window_queries, layer.view("keys"), self.key_channels)
 
-    def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor, budgets: torch.Tensor,
-                   budget: int) -> torch.Tensor:
-        """With `critical`: the scores the prompt cut ranks by once each head's budget (batch, heads) is known
-        (protected tokens at +inf), CriticalKV's two stages (`kvbench.methods.critical`)."""
-        safe = int(budget * self.ada_floor) if self.heads == "ada" else 0
+    def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor | None, budgets: torch.Tensor | int,
+                   protected: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The scores the prompt cut ranks by, once the tokens each head keeps are known (`budgets`, (batch, heads)
+        or one number; `protected`: tokens the cut keeps anyway, when the scores do not already rank them +inf):
+        the method's own, or with `critical` CriticalKV's two stages (`kvbench.methods.critical`)."""
+        if not self.critical or scores is None:
+            return scores
+        if protected is not None:  # protected tokens rank first in its first stage too
+            scores = scores.float().masked_fill(protected, float("inf"))
+        if isinstance(budgets, int):
+            budgets = torch.full(scores.shape[:2], budgets, dtype=torch.long, device=scores.device)
+        # Ada-KV's safe tokens per head: int(C x ada_floor), C the layer's budget, the mean of the head budgets
+        safe = int(budgets.float().mean() * self.ada_floor) if self.heads == "ada" else 0
         return critical_scores(scores, layer.view("values"), stats.out_proj, budgets, self.critical_ratio,
                                self.critical_epsilon, safe)
 
@@ -215,6 +223,17 @@ class Method:
 
     def stats_request(self, phase: str) -> StatsRequest:
         return StatsRequest()
+
+    def statistics(self, phase: str) -> StatsRequest:
+        """What the engine computes in `phase`: the method's own statistics (`stats_request`; none for a method
+        that keeps everything, nor at a decode step of a prompt-only method), and at the prompt those of the
+        settings it turns on (CriticalKV: the output projection; ThinK: the last queries)."""
+        own = self.compresses and (phase == "prefill" or self.stage == "decode")
+        request = self.stats_request(phase) if own else StatsRequest()
+        if phase == "prefill" and (self.critical or self.key_channels):
+            request = replace(request, out_proj=self.critical,
+                              window_queries=self.channel_window if self.key_channels else 0)
+        return request
 
     def prefill_scores(self, layer: LayerView, stats: Stats) -> torch.Tensor | None:
         return None

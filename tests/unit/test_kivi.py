@@ -40,13 +40,13 @@ def test_the_store_holds_the_loops_quantization_of_the_kept_tokens(llama, cfg, b
         keys, values = dense.view("keys"), dense.view("values")  # the kept tokens, in position order
         n = keys.shape[2]
         m = ((n - 16) // 8 + 1) * 8  # whole groups leave fewer than 16 in the residual
-        assert layer.quant.quantized_length == m and layer.quant.length == n
-        torch.testing.assert_close(layer.quant.keys()[:, :, :m], ref_keys(keys[:, :, :m], bits, 8)[1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(layer.quant.values()[:, :, :m], ref_values(values[:, :, :m], bits, 8)[1],
+        assert layer.store.quantized_length == m and layer.store.length == n
+        torch.testing.assert_close(layer.store.keys()[:, :, :m], ref_keys(keys[:, :, :m], bits, 8)[1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.store.values()[:, :, :m], ref_values(values[:, :, :m], bits, 8)[1],
                                    rtol=0, atol=1e-6)
-        assert torch.equal(layer.quant.keys()[:, :, m:], keys[:, :, m:])  # the residual: exact
+        assert torch.equal(layer.store.keys()[:, :, m:], keys[:, :, m:])  # the residual: exact
     summary = quant.cache.kv_summary()
-    assert summary["kv_kept_bytes"] == sum(layer.quant.nbytes for layer in quant.cache.layers)
+    assert summary["kv_kept_bytes"] == sum(layer.store.nbytes for layer in quant.cache.layers)
     assert summary["kv_kept_tokens"] == plain.cache.kv_summary()["kv_kept_tokens"]
     assert summary["kv_kept_bytes"] < plain.cache.kv_summary()["kv_kept_bytes"]
 
@@ -64,8 +64,8 @@ def test_decoding_appends_and_flushes_whole_groups(llama):
     session = Session(llama, build({"name": "full", "quant": "kivi4", **SETTINGS}), reserve=20)
     session.generate(prompt(21, seed=2), 20, [])
     layer = session.cache.layers[0]
-    assert layer.quant.length == 21 + 19 and layer.seen == 40
-    assert layer.quant.quantized_length % 8 == 0 and 8 <= layer.quant.residual_length < 16
+    assert layer.store.length == 21 + 19 and layer.seen == 40
+    assert layer.store.quantized_length % 8 == 0 and 8 <= layer.store.residual_length < 16
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -77,7 +77,7 @@ def test_batched_equals_alone_and_sliding_layers_keep_their_window(family):
     session = Session(model, build(settings), Budget(tokens=24), reserve=6)
     session.generate(torch.randint(0, 128, (1, 57), generator=torch.Generator().manual_seed(4)), 6, [])
     for layer in session.cache.layers:
-        assert (layer.quant is None) == bool(layer.window)
+        assert (layer.store is None) == bool(layer.window)
 
 
 def test_settings():
@@ -90,3 +90,9 @@ def test_settings():
                          ({"name": "full", "quant_residual": 20}, "multiple")):
         with pytest.raises(KVBenchError, match=message):
             build({"quant": "kivi2", **cfg})
+
+
+def test_a_group_that_does_not_divide_the_head_dim_is_one_line(llama):
+    session = Session(llama, build({"name": "full", "quant": "kivi2"}), reserve=2)  # group 32, head dim 16
+    with pytest.raises(KVBenchError, match="method.quant_group=32 must divide the model's head dim 16"):
+        session.prefill(prompt(20))

@@ -46,7 +46,7 @@ def test_kept_channels_and_zeroed_keys_match_loops_and_kvpress(cfg, ratio, hkv):
     cache = one_layer_cache(settings, 16, q, k, v)
     plain = one_layer_cache(cfg, 16, q, k, v).layers[0]
     kept_keys = plain.view("keys") if plain.keys is not None else k  # the method's cut first
-    store = cache.layers[0].pruned
+    store = cache.layers[0].store
     for b in range(2):
         for h in range(hkv):
             assert store.kept[b, h].tolist() == loop_kept(q, kept_keys, b, h, ratio, 6)
@@ -70,7 +70,7 @@ def test_decoding_appends_whole_keys_and_batches_equal_alone():
     plain = Session(model, build({"name": "snapkv", "window": 4}), Budget(tokens=16), reserve=6)
     plain.generate(ids, 6, [])
     layer = session.cache.layers[0]
-    assert layer.pruned.length == 16 + 5 and layer.pruned.prefix.shape[-1] == 8  # head dim 16, half pruned
+    assert layer.store.length == 16 + 5 and layer.store.prefix.shape[-1] == 8  # head dim 16, half pruned
     assert session.cache.kv_summary()["kv_kept_bytes"] < plain.cache.kv_summary()["kv_kept_bytes"]
     assert len(tokens[0]) == 6
     for settings in ({"name": "snapkv", "window": 4, "key_channels": 0.5}, {"name": "full", "key_channels": 0.25}):
