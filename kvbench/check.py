@@ -28,7 +28,6 @@ Writes one JSON and one markdown report under `--out`; exits 1 if a check fails.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import sys
@@ -70,11 +69,11 @@ def method_configs(scores_path: str) -> dict:
         if name in files:
             extra = {files[name][0]: str(files[name][1])}
         configs[name] = {"name": name, **extra}
-    configs.update(WRAPPERS)
+    configs.update(WRAPPER_RUNS)
     return configs
 
 
-WRAPPERS = {  # the settings that compose with any scorer, on representative ones
+WRAPPER_RUNS = {  # the settings that compose with any scorer, on representative ones
     "snapkv-critical": {"name": "snapkv", "critical": True},
     "expected_attention-ada-critical": {"name": "expected_attention", "use_vnorm": False, "heads": "ada",
                                         "critical": True},
@@ -140,7 +139,6 @@ def sync(device) -> None:
 
 
 def peak_reset(device) -> None:
-    gc.collect()  # the previous runs' caches are gone before this one is measured
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

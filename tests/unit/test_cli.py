@@ -104,6 +104,9 @@ def test_list_methods_lists_every_method_config(capsys):
              if line.startswith("  ") and not line.startswith("   ")}
     assert "stages prefill/decode | query-agnostic | extra cost: key norms" in facts["knorm"]
     assert "stages prefill | query-aware" in facts["snapkv"] and "FasterDecoding/SnapKV" in facts["snapkv"]
+    # a config that turns on a wrapper shows its cost and reference too
+    assert "(CriticalKV)" in facts["critical_snapkv"] and "kvpress CriticalKVPress" in facts["critical_snapkv"]
+    assert "stages prefill | query-agnostic | extra cost: KV at 2/4 bits" in facts["kivi"]
 
 
 def test_list_all_groups(capsys):

@@ -117,3 +117,15 @@ def test_lazy_layers_on_tiny_models(family):
                 assert set(layer.view("pos")[0, 0].tolist()) >= {0, 1, 2, 3}
     for settings in ({"name": "simlayerkv", "lazy_threshold": 0.3}, {"name": "simlayerkv", "lazy_threshold": 0.3, "stage": "decode"}):
         assert_batched_equals_alone(model, settings, 16)
+
+
+def test_a_layer_kept_whole_has_room_for_the_reserve():
+    """A non-lazy layer is not cut, but gets the reserve at once (not a doubling at the first new token)."""
+    from kvbench.engine import Budget, Session, install
+    from kvbench.models.families import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    install(model, "sdpa")
+    session = Session(model, build({"name": "simlayerkv", "lazy_threshold": 1.0}), Budget(tokens=16), reserve=5)
+    session.prefill(torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0)))
+    assert [(layer.length, layer.capacity) for layer in session.cache.layers] == [(48, 53)] * 2
