@@ -44,7 +44,8 @@ from kvbench.engine.budget import Budget
 from kvbench.engine.channels import PrunedKeys
 from kvbench.engine.quantized import BITS, QuantizedKV
 from kvbench.engine.ragged import RaggedKV
-from kvbench.engine.selection import lowest, oldest, select, select_per_head
+from kvbench.engine.ranking import select_per_head
+from kvbench.engine.selection import lowest, oldest, select
 from kvbench.engine.types import ModelShape, Policy, Stats, StatsRequest, Victim
 from kvbench.errors import KVBenchError
 

@@ -51,16 +51,6 @@ def chunk_rank(scores: torch.Tensor, pos: torch.Tensor, chunk: int, protected: t
     return mean.gather(1, ids)[:, None].expand(batch, heads, n)
 
 
-def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-    """Boolean keep mask (batch, heads, n): the top `budgets[b, h]` scores of each head, the more recent
-    token winning ties. Slots must be in position order (a fresh cache at the prompt)."""
-    newest_first = scores.float().flip(-1)
-    order = newest_first.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (ranks < budgets[..., None]).flip(-1)
-
-
 def oldest(layer: LayerView, sinks: int) -> torch.Tensor:
     """The slot (batch, heads) of the oldest token after the sinks: recency eviction. (With more tokens
     than the budget, the recent window never covers every non-sink token, so this one is unprotected.)"""

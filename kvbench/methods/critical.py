@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.engine.ranking import select_per_head
 from kvbench.errors import KVBenchError
 
 
@@ -43,15 +44,6 @@ def value_output_norms(values: torch.Tensor, out_proj: torch.Tensor) -> torch.Te
     return norms.view(batch, kv_heads, groups, n).mean(dim=2).float()
 
 
-def first_stage(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean (batch, heads, n): each head's top `counts[b, h]` scores, the more recent winning ties (slots
-    in position order, as at the prompt cut)."""
-    order = scores.float().flip(-1).argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                             .expand_as(order))
-    return (ranks < counts[..., None]).flip(-1)
-
-
 def critical_scores(scores: torch.Tensor, values: torch.Tensor, out_proj: torch.Tensor, budgets: torch.Tensor,
                     ratio: float, epsilon: float, safe: int = 0) -> torch.Tensor:
     """The scores the cut ranks by (batch, heads, n) float32: +inf for the first stage (and for tokens that
@@ -60,6 +52,6 @@ def critical_scores(scores: torch.Tensor, values: torch.Tensor, out_proj: torch.
     if out_proj is None:
         raise KVBenchError("method.critical needs the layer's output projection: the engine did not give it")
     counts = (budgets * ratio).long().clamp(min=safe)
-    stage1 = first_stage(scores, counts) | torch.isposinf(scores)
+    stage1 = select_per_head(scores, counts) | torch.isposinf(scores)
     weighted = (scores.float() + epsilon) * value_output_norms(values, out_proj)
     return weighted.masked_fill(stage1, float("inf"))
