@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from kvbench.engine.types import StatsRequest
 from kvbench.errors import KVBenchError
 from kvbench.methods.base import Method
 from kvbench.methods.qfilter import save_filters
-from kvbench.resources import CONFIG_DIR
+from kvbench.models.loading import model_config
 
 HAYSTACK = Path(__file__).resolve().parents[1] / "kvbench" / "assets" / "haystack.txt"
 
@@ -97,21 +96,6 @@ def estimate(model, ids: torch.Tensor, length: int) -> tuple[torch.Tensor, dict]
     top = torch.linalg.eigvalsh(gram)[..., -1] / gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     return filters, {"queries_per_head": collector.count[layers[0]], "top_share_mean": float(top.mean()),
                      "top_share_min": float(top.min())}
-
-
-def model_config(spec: str, device: str | None, dtype: str | None) -> dict:
-    """A configs/model/<spec>.yaml (resolved as the runner would), or a hub id / model folder."""
-    from omegaconf import OmegaConf
-
-    path = CONFIG_DIR / "model" / f"{spec}.yaml"
-    if path.is_file():
-        root = OmegaConf.create({"seed": 0, "paths": {"models": os.environ.get("KVBENCH_CACHE")},
-                                 "model": OmegaConf.load(path)})
-        cfg = OmegaConf.to_container(root, resolve=True)["model"]
-    else:
-        cfg = {"name": Path(spec.rstrip("/")).name, "path": spec, "dtype": "auto", "device": "auto",
-               "attn_implementation": "sdpa"}
-    return {**cfg, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,10 @@ Pattern files: DuoAttention's published format, `attn_patterns/<model>/<run>/ful
 the folder or the .tsv (config.json is then read from the same folder when present); `sink_size` and
 `recent_size` override it. kvpress downloads the files from GitHub at run time (PATTERNS below: the
 published models); kvbench runs offline and reads a local copy. No pattern is published for other
-models; a file for another model (layers x KV heads) stops the run at its first prefill, before any
-record, with one line (`check_model` does the same for a caller that has the model before any sample).
+models: `scripts/estimate_duo_patterns.py --model <model>` trains one (DuoAttention's training, on a GPU)
+into results/duo_patterns/<model>. A file for another model (layers x KV heads) stops the run at its first
+prefill, before any record, with one line (`check_model` does the same for a caller that has the model
+before any sample).
 
 What kvbench's budget means here (kvpress has no token budget: `head_compression_ratio` fixes n_s and
 the memory follows). kvbench's C is, as for every method, the mean tokens kept per KV head per layer
@@ -93,7 +95,8 @@ def load_patterns(path: str | Path) -> tuple[np.ndarray, dict]:
         raise KVBenchError(
             f"DuoAttention pattern file {tsv} not found: copy full_attention_heads.tsv and config.json of the "
             f"model from {SOURCE} (published for {', '.join(sorted(PATTERNS))}) into that folder, or set "
-            "method.patterns=PATH"
+            "method.patterns=PATH; for another model estimate them with "
+            "`python scripts/estimate_duo_patterns.py --model <model>`"
         )
     try:
         alpha = np.loadtxt(tsv, dtype=float, delimiter="\t", ndmin=2)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from kvbench.engine.attention import BASE_IMPLEMENTATIONS, install
 from kvbench.errors import KVBenchError
-from kvbench.resources import ASSETS_DIR
+from kvbench.resources import ASSETS_DIR, CONFIG_DIR
 
 BYTE_TOKENIZER_DIR = ASSETS_DIR / "byte_tokenizer"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -173,3 +173,19 @@ def load(cfg) -> tuple[torch.nn.Module, object]:
     # family loads with it; Gemma 2 and gpt-oss refuse sdpa), delegating to `attn` where that can run a layer
     install(model, base=attn)
     return model, tokenizer
+
+
+def model_config(spec: str, device: str | None = None, dtype: str | None = None) -> dict:
+    """The model section for a script's `--model`: configs/model/<spec>.yaml resolved as the runner would, or a
+    hub id / model folder; `device` and `dtype` override it. (scripts/estimate_*.py)"""
+    path = CONFIG_DIR / "model" / f"{spec}.yaml"
+    if path.is_file():
+        from omegaconf import OmegaConf
+
+        root = OmegaConf.create({"seed": 0, "paths": {"models": os.environ.get("KVBENCH_CACHE")},
+                                 "model": OmegaConf.load(path)})
+        cfg = OmegaConf.to_container(root, resolve=True)["model"]
+    else:
+        cfg = {"name": Path(spec.rstrip("/")).name, "path": spec, "dtype": "auto", "device": "auto",
+               "attn_implementation": "sdpa"}
+    return {**cfg, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
