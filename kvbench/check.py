@@ -14,8 +14,11 @@ prefill + `--steps` greedy decode steps twice:
 
 - compressed to 1/8 of the prompt: no error, finite logits, and time and peak
   memory (CUDA max allocated) as ratios to the baseline;
-- with a budget above the prompt: the greedy tokens must equal kvbench's full
-  cache (nothing is compressed), and the largest logit difference is reported.
+- with a budget above the prompt (nothing is compressed), on the full cache's
+  tokens: the logits must stay within bf16's noise of kvbench's full cache
+  (10% of the largest logit; a random model's logits are so flat that a greedy
+  token can flip on one rounding), and whether every argmax agrees is reported;
+  KIVI and ThinK compress at any budget: their difference is reported only.
 
 With flash-attn installed it also runs the full cache on `flash_attention_2`
 and checks each per-head method's varlen path against the sparse fallback.
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 
 from kvbench.engine import Budget, Session, cache_argument, install
+from kvbench.engine.types import RepeatPrompts
 from kvbench.methods import REGISTRY, build
 from kvbench.methods.head_scores import write_head_scores
 from kvbench.methods.qfilter import save_filters
@@ -78,6 +82,7 @@ WRAPPER_RUNS = {  # the settings that compose with any scorer, on representative
     "expected_attention-ada-critical": {"name": "expected_attention", "use_vnorm": False, "heads": "ada",
                                         "critical": True},
     "knorm-pyramid": {"name": "knorm", "stage": "prefill", "layers": "pyramid"},
+    "knorm-cake": {"name": "knorm", "stage": "prefill", "layers": "cake"},
     "knorm-chunk10": {"name": "knorm", "stage": "prefill", "chunk": 10},
     "snapkv-think0.5": {"name": "snapkv", "key_channels": 0.5},
     "snapkv-kivi4": {"name": "snapkv", "quant": "kivi4", "quant_group": 8, "quant_residual": 32},  # any head dim
@@ -116,6 +121,14 @@ def write_random_head_scores(path: Path, layers: int, heads: int, skew: float = 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_head_scores(path, {(layer, h): [float(importance[layer, h])] for layer in range(layers) for h in range(heads)})
     return str(path)
+
+
+# bf16 noise between attention kernels, as a share of the largest logit of a random model (nearly flat logits): on an
+# H200 at 8k, kvbench's own blocked attention (the column-sum methods) vs sdpa's flash kernel differed by 5.3%; a
+# wrong mask or a lost token differs by 30-100%
+REL_TOLERANCE = 0.1
+# KVzip's prompts on a model without a tokenizer: token ids of about the length of its words
+REPEAT = RepeatPrompts(0, torch.arange(10, 19), torch.arange(20, 34), torch.arange(40, 45))
 
 
 def build_model(args):
@@ -172,25 +185,40 @@ def run_plain(model, ids, steps, device) -> dict:
 
 
 @torch.inference_mode()
-def run_kvbench(model, cfg, ids, budget, steps, device, base="sdpa") -> dict:
-    """kvbench's cache: prefill (compressed to `budget`) + greedy decode; the same fields as `run_plain`."""
+def run_kvbench(model, cfg, ids, budget, steps, device, base="sdpa", forced: list[int] | None = None) -> dict:
+    """kvbench's cache: prefill (compressed to `budget`) + greedy decode (or the `forced` tokens, teacher-forced);
+    the same fields as `run_plain`, and `all_logits` (steps + 1, vocab) float32 of the prompt and every step."""
     install(model, base)
-    session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps)
+    session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps, repeat=REPEAT)
     peak_reset(device)
     start = time.perf_counter()
     logits = session.prefill(ids)[:, -1]
     sync(device)
     prefill_s, tokens, step_s, finite = time.perf_counter() - start, [], [], bool(torch.isfinite(logits).all())
-    for _ in range(steps):
-        token = logits.argmax(-1)[:, None]
+    all_logits = [logits.float()]
+    for i in range(steps):
+        token = logits.argmax(-1)[:, None] if forced is None else torch.tensor([[forced[i]]], device=device)
         tokens.append(int(token))
         start = time.perf_counter()
         logits = session.step(token)[:, -1]
         sync(device)
         step_s.append(time.perf_counter() - start)
         finite &= bool(torch.isfinite(logits).all())
+        all_logits.append(logits.float())
     return {"prefill_s": prefill_s, "step_s": sorted(step_s)[len(step_s) // 2], "peak": peak(device), "tokens": tokens,
-            "logits": logits.float(), "finite": finite, "cache": session.cache}
+            "logits": logits.float(), "all_logits": torch.cat(all_logits), "finite": finite, "cache": session.cache}
+
+
+def same_as_full(above: dict, full: dict) -> dict:
+    """A run with nothing to compress against the full cache's, on the full run's tokens (teacher-forced): the
+    largest logit difference, as a share of the largest logit, and whether every step's argmax agrees. A random
+    model's logits are nearly flat, so one bf16 rounding can flip a greedy token and everything after it: the
+    check passes when the difference is within bf16's noise (REL_TOLERANCE of the largest logit)."""
+    diff = float((above["all_logits"] - full["all_logits"]).abs().max())
+    scale = float(full["all_logits"].abs().max()) or 1.0
+    return {"same_tokens_above_budget": bool((above["all_logits"].argmax(-1) == full["all_logits"].argmax(-1)).all()),
+            "max_logit_diff_above_budget": diff, "rel_logit_diff_above_budget": diff / scale,
+            "close_above_budget": diff <= REL_TOLERANCE * scale}
 
 
 def check_length(model, configs, length, steps, device, vocab) -> list[dict]:
@@ -207,11 +235,11 @@ def check_length(model, configs, length, steps, device, vocab) -> list[dict]:
         row = {"length": length, "method": name}
         try:
             small = run_kvbench(model, cfg, ids, max(16, length // 8), steps, device)
-            above = full if name == "full" else run_kvbench(model, cfg, ids, length + steps + 8, steps, device)
+            above = full if name == "full" else run_kvbench(model, cfg, ids, length + steps + 8, steps, device,
+                                                            forced=full["tokens"])
             row.update(
                 finite=small["finite"] and above["finite"],
-                same_tokens_above_budget=above["tokens"] == full["tokens"],
-                max_logit_diff_above_budget=float((above["logits"] - full["logits"]).abs().max()),
+                **same_as_full(above, full),
                 prefill_vs_sdpa=small["prefill_s"] / plain["prefill_s"], step_vs_sdpa=small["step_s"] / plain["step_s"],
                 peak_vs_sdpa=None if plain["peak"] is None else small["peak"] / plain["peak"],
                 prefill_s=small["prefill_s"], step_s=small["step_s"], peak_bytes=small["peak"],
@@ -221,7 +249,10 @@ def check_length(model, configs, length, steps, device, vocab) -> list[dict]:
             if name in PER_HEAD:
                 row.update(varlen_check(small["cache"], device))
             small, above = None, None  # free both caches before the next method's peak is measured
-            row["ok"] = row["finite"] and row["same_tokens_above_budget"] and row.get("varlen_ok", True)
+            method = build(cfg)
+            if method.quant != "none" or method.key_channels:  # KIVI / ThinK compress at any budget
+                row["close_above_budget"] = None
+            row["ok"] = row["finite"] and row["close_above_budget"] is not False and row.get("varlen_ok", True)
         except Exception as error:  # noqa: BLE001 - the check goes on; the row says what failed
             row.update(ok=False, error=f"{type(error).__name__}: {error}"[:300])
         rows.append(row)
@@ -284,6 +315,7 @@ def markdown(report: dict) -> str:
              f"- torch {report['torch']}, transformers {report['transformers']}, flash-attn: {report['flash_attn']}",
              f"- result: **{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}**", ""]
     columns = ["length", "method", "ok", "finite", "same_tokens_above_budget", "max_logit_diff_above_budget",
+               "rel_logit_diff_above_budget",
                "prefill_vs_sdpa", "step_vs_sdpa", "peak_vs_sdpa", "varlen_max_diff", "error"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in report["rows"]:
@@ -298,6 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default=None, help="default: 4096,16384,32768 on CUDA, 256,1024 on the CPU")
     parser.add_argument("--steps", type=int, default=8, help="greedy decode steps per run")
     parser.add_argument("--out", default="results/gpu_check")
+    parser.add_argument("--methods", default=None, help="only these rows (comma-separated; full always runs)")
     for key in ("hidden", "intermediate", "layers", "heads", "kv_heads"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -314,6 +347,12 @@ def main(argv=None) -> int:
     write_random_duo_pattern(out / DUO_FOLDER, args.layers, args.kv_heads)
     write_random_qfilters(out / QFILTER_FOLDER, args.layers, args.kv_heads, args.hidden // args.heads)
     configs = method_configs(write_random_head_scores(out / "random_head_scores.json", args.layers, args.heads))
+    if args.methods:
+        chosen = {"sdpa-full", "full", *args.methods.split(",")}
+        if chosen - set(configs):
+            raise SystemExit(f"kvbench check: --methods {', '.join(sorted(chosen - set(configs)))} unknown; choose "
+                             f"from {', '.join(configs)}")
+        configs = {name: cfg for name, cfg in configs.items() if name in chosen}
     model = build_model(args)
     vocab = model.config.vocab_size
     run = "GPU run" if on_gpu else "CPU run on a narrow model (checks the code paths, not a GPU)"

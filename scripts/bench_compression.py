@@ -48,6 +48,7 @@ from kvbench.check import (
     DECODE_STAGE,
     DUO_FOLDER,
     QFILTER_FOLDER,
+    REPEAT,
     build_model,
     method_configs,
     sync,
@@ -107,7 +108,7 @@ def prefill(model, method_cfg, ids, budget):
         out = model(input_ids=ids, **cache_argument(model, DynamicCache(config=model.config)), use_cache=True, logits_to_keep=1)
         return out.logits
     install(model, "sdpa")
-    return Session(model, build(method_cfg), Budget(tokens=budget)).prefill(ids)
+    return Session(model, build(method_cfg), Budget(tokens=budget), repeat=REPEAT).prefill(ids)
 
 
 def child(args) -> None:
@@ -181,7 +182,7 @@ def decode_steps(model, method_cfg, budget: int, steps: int, device) -> tuple[li
     else:
         install(model, "sdpa")
         cfg = {"stage": "decode", **method_cfg} if method_cfg["name"] in DECODE_STAGE else method_cfg
-        session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps + 8)
+        session = Session(model, build(cfg), Budget(tokens=budget), reserve=steps + 8, repeat=REPEAT)
         prompt = budget if method_cfg["name"] == "full" else 2 * budget  # full: a cache of exactly C tokens
         logits = session.prefill(torch.randint(4, 260, (1, prompt), device=device))
         step = session.step

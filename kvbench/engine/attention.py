@@ -26,11 +26,13 @@ mass from every query but is never a cache token: it appears in no statistic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -183,13 +185,14 @@ def kvbench_attention(
             mask = _mask_for_base(base, attn, query, key, positions)
             if base == "flash_attention_2":
                 kwargs.update(sliding_window=attn.window, softcap=attn.softcap)
-            out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
-                                          **kwargs)
+            with _no_cudnn(query):
+                out, _ = _base_function(base)(module, query, key, value, mask, scaling=attn.scaling, dropout=dropout,
+                                              **kwargs)
         stats = compute_stats(request, query, key, attn, positions) if request.any() else Stats(n_queries=q_len)
     if request.window_probs:
         stats.window_probs = window_probs(query, key, request.window_probs, attn, positions)
     if request.window_queries:
-        stats.window_queries = query[:, :, -request.window_queries:]
+        stats.window_queries = query[:, :, -min(request.window_queries, q_len):]
     if request.queries:
         stats.queries, stats.rope = prerope_queries(kvbench_cache, module.layer_idx, query)
     if request.out_proj:
@@ -197,6 +200,17 @@ def kvbench_attention(
     if kvbench_cache is not None:
         kvbench_cache.after_attention(module.layer_idx, stats)
     return out, None
+
+
+# SDPA's backends without cuDNN's: cuDNN builds a plan per new shape and keeps a bounded cache of them, and a
+# compressed cache shows it a new key length at every step in every layer whose length differs (CAKE, PyramidKV
+# layer budgets): on an H200, `kvbench check` measured 20-30x slower decode steps with it, normal ones without
+# (docs/gpu-check.md). Scoped to kvbench's own attention calls; the user's torch settings are untouched.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _no_cudnn(query):
+    return sdpa_kernel(SDPA_BACKENDS) if query.is_cuda else contextlib.nullcontext()
 
 
 def _per_sequence(module, query, batched, scaling, dropout, kwargs) -> torch.Tensor:

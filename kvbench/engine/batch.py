@@ -34,7 +34,7 @@ from kvbench.engine.architecture import text_config
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
 from kvbench.engine.session import Sampling, Session, choose, forward
-from kvbench.engine.types import Policy
+from kvbench.engine.types import Policy, RepeatPrompts
 
 
 class BatchedLayer(CacheLayerMixin):
@@ -97,6 +97,7 @@ class Request:
     min_new_tokens: int = 0
     question_ids: torch.Tensor | None = None  # appended after the context's compression (query-agnostic)
     sampling: Sampling | None = None  # None: greedy; its own generator, so alone and batched draw alike
+    repeat: RepeatPrompts | None = None  # a method that reconstructs the prompt (KVzip): what it asks the model
 
 
 @dataclass
@@ -176,7 +177,8 @@ def _prefill(model, index: int, request: Request, policy, budget, device) -> _Ac
         raise ValueError(f"request {index}: max_new_tokens={request.max_new_tokens} must be >= 1")
     start = time.perf_counter()
     question = request.question_ids
-    session = Session(model, policy, budget, reserve=request.max_new_tokens + (0 if question is None else question.shape[1]))
+    session = Session(model, policy, budget, reserve=request.max_new_tokens + (0 if question is None else question.shape[1]),
+                      repeat=request.repeat)
     logits = session.prompt(request.input_ids.to(device), question)
     decoded = Decoded([], session, start, _now(device), prompt_kv=session.kv_summary())
     stops = torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device)

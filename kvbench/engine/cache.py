@@ -427,13 +427,15 @@ class CompressedCache(Cache):
         decoder = model.get_decoder() if self.shifted or hasattr(model, "get_decoder") else None
         self.rotary = decoder.rotary_emb if self.shifted else getattr(decoder, "rotary_emb", None)
         self.prompt_len: int | None = None
+        self.span: tuple[int, int] = (0, 0)  # phase "reconstruct": the prompt positions the pass repeats
+        self.room = 0  # slots a layer keeps free after the prompt for the reconstruction passes
 
     def first_capacity(self, n: int) -> int:
         """Slots to allocate at a layer's first write of `n` tokens: room for what it will hold, so a
         prompt that fits its budget is never copied into doubled buffers at the first decoded token."""
         method = self.method
-        if not method.compresses:
-            return n + self.reserve
+        if not method.compresses or self.room:
+            return n + self.room + self.reserve
         budget = method.allocate(self.budget_spec, n)[0] if self.phase == "prefill" else None
         if budget is None:
             return n + self.reserve
@@ -492,8 +494,10 @@ class CompressedCache(Cache):
             other.own_allocation = allocation
             budget, sinks, recent = other.allocation
             if budget is not None and other.ragged is None and other.length > budget:
-                keep = select(other, self.method.recut_scores(other), budget, sinks, recent)
-                other.compact(keep, 1 if self.method.stage == "decode" else self.reserve)
+                scores = self.method.recut_scores(other)
+                other.compact(select(other, scores, budget, sinks, recent), 1 if self.method.stage == "decode"
+                              else self.reserve)
+                other.gaps = other.gaps or bool(other.window) and scores is not None  # mask by positions
 
     def _compact_store(self, layer: CompressedLayer, stats: Stats) -> QuantizedKV | PrunedKeys | None:
         """The store `layer` moves to after the prompt: ThinK's kept key channels (chosen from the prompt's
@@ -512,6 +516,9 @@ class CompressedCache(Cache):
 
     def after_attention(self, layer_idx: int, stats: Stats) -> None:
         layer = self.layers[layer_idx]
+        if self.phase == "reconstruct":
+            self._reconstruction_pass(layer, stats)
+            return
         if self.phase == "prefill" and self.prompt_len is None:
             self.prompt_len = layer.seen  # before any window cut
         if layer.window and self.phase == "prefill" and layer.length > layer.window - 1:
@@ -534,8 +541,13 @@ class CompressedCache(Cache):
         method = self.method
         if self.phase == "prefill":
             budget, sinks, recent = self._allocate(layer, stats)
-            if layer.window and method.per_head:
-                return  # per-head budgets compress the full-attention layers; a sliding layer keeps its window
+            if layer.window and method.per_head or self.room:
+                # per-head budgets compress the full-attention layers, a sliding layer keeps its window; a
+                # reconstructing method cuts every layer after its passes (`cut_reconstructed`)
+                return
+            if method.reconstructs and budget is not None and layer.length > budget:
+                raise KVBenchError(f"{method.name} is scored by passes after the prompt that a Session runs: drive "
+                                   "the cache with kvbench.engine.Session(..., repeat=...)")
             if budget is None and layer.capacity < layer.length + self.reserve:  # the method left it whole
                 layer.compact(torch.arange(layer.length, device=layer.device).expand(*layer.keys.shape[:2], -1),
                               self.reserve)
@@ -574,6 +586,30 @@ class CompressedCache(Cache):
                     layer.evict(victim.slot, victim.pos)
                 else:
                     layer.evict(victim, sinks=sinks)
+
+    # -- a method that reconstructs the prompt (KVzip): the Session's passes, then one cut of every layer
+    def _reconstruction_pass(self, layer: CompressedLayer, stats: Stats) -> None:
+        """After a pass's attention: the method scores the prompt's chunk `span` from the pass's queries (a
+        full-attention layer), and the pass's tokens leave the layer (the prompt's slots are untouched)."""
+        queries = stats.window_queries
+        if not layer.window:
+            start, end = self.span
+            if "reconstructed" not in layer.notes:
+                layer.notes["reconstructed"] = torch.zeros(*layer.keys.shape[:2], self.prompt_len,
+                                                           device=layer.device)
+            layer.notes["reconstructed"][..., start:end] = self.method.reconstruction_scores(layer, queries, self.span)
+        layer.length -= queries.shape[2]
+        layer.seen -= queries.shape[2]
+
+    def cut_reconstructed(self, prefix: int) -> None:
+        """Cut every full-attention layer to the method's per-head budgets from the passes' scores (a sliding
+        layer keeps its window); the scores are then dropped."""
+        layers = [layer for layer in self.layers if not layer.window]
+        scores = [layer.notes.pop("reconstructed") for layer in layers]
+        budgets = self.method.reconstructed_budgets(scores, prefix, self.allocation[0])
+        for layer, score, budget in zip(layers, scores, budgets, strict=True):
+            layer.to_ragged(select_per_head(score, budget), self.reserve)
+        self.room = 0
 
     # -- accounting
     def kv_summary(self) -> dict:

@@ -23,7 +23,8 @@ import torch
 
 from kvbench.engine.budget import Budget
 from kvbench.engine.cache import CompressedCache
-from kvbench.engine.types import Policy
+from kvbench.engine.types import Policy, RepeatPrompts
+from kvbench.errors import KVBenchError
 
 
 @functools.cache
@@ -106,9 +107,11 @@ class Greedy:
 class Session:
     """One generation (or one stream) of `model` with its KV cache compressed by `policy` to `budget`."""
 
-    def __init__(self, model, policy: Policy, budget: Budget | None = None, reserve: int = 0, stream: bool = False):
+    def __init__(self, model, policy: Policy, budget: Budget | None = None, reserve: int = 0, stream: bool = False,
+                 repeat: RepeatPrompts | None = None):
         self.model = model
         self.cache = CompressedCache(model, policy, budget, reserve=reserve)
+        self.repeat = repeat  # a method that reconstructs the prompt (KVzip): the prompts it asks with
         self.prefilled = stream
         if stream:
             self.cache.phase = "decode"  # no prompt: the budget is held from the first token on
@@ -117,10 +120,33 @@ class Session:
         """Forward the prompt (batch, n); returns its last `logits_to_keep` logits. Once per session."""
         if self.prefilled:
             raise RuntimeError("Session.prefill: the prompt is already in this cache (one prefill per session)")
+        passes = self._reconstruction_passes(input_ids)
         logits = forward(self.model, self.cache, input_ids, logits_to_keep)
+        if passes:  # KVzip: the model repeats the prompt chunk by chunk; then every layer is cut at once
+            self.cache.phase = "reconstruct"
+            for start, end, ids in passes:
+                self.cache.span = (start, end)
+                forward(self.model, self.cache, ids)
+            self.cache.cut_reconstructed(self.repeat.prefix)
         self.cache.phase = "decode"
         self.prefilled = True
         return logits
+
+    def _reconstruction_passes(self, input_ids: torch.Tensor) -> list:
+        """The passes a reconstructing method runs after this prompt (none when it fits its budget), and room
+        for the longest in every layer."""
+        policy = self.cache.method
+        if not getattr(policy, "reconstructs", False):
+            return []
+        budget = policy.allocate(self.cache.budget_spec, input_ids.shape[1])[0]
+        if budget is None or input_ids.shape[1] <= budget:
+            return []
+        if self.repeat is None:
+            raise KVBenchError(f"{policy.name} asks the model to repeat the prompt, in words a tokenizer gives: pass "
+                               "Session(..., repeat=kvbench.models.chat.repeat_prompts(tokenizer, method, input_ids))")
+        passes = policy.reconstruction_passes(input_ids, self.repeat)
+        self.cache.room = max(ids.shape[1] for _, _, ids in passes)
+        return passes
 
     def step(self, input_ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
         """Forward new tokens (batch, q) after the prompt (or in a stream); returns their last logits."""

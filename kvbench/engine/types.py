@@ -72,6 +72,19 @@ class Stats:
                        window_probs=cut(self.window_probs))
 
 
+@dataclass(frozen=True)
+class RepeatPrompts:
+    """What a method that reconstructs the prompt (KVzip) asks the model to continue, as token ids (n,) long:
+    the prompt for the first chunk and for the later ones, the chat template's `suffix` between a user's
+    message and the answer, and `prefix`, the prompt tokens of the template's opening (never repeated).
+    A tokenizer gives them (`kvbench.models.chat.repeat_prompts`); the engine runs the passes."""
+
+    prefix: int
+    first: torch.Tensor
+    later: torch.Tensor
+    suffix: torch.Tensor
+
+
 class Victim(NamedTuple):
     """The token a decode step evicts in each (batch, head): its slot and position (batch, heads), and its
     eviction score (batch, heads, 1) float32."""
@@ -124,6 +137,7 @@ class Policy(Protocol):
     quant_group: int
     quant_residual: int
     slot_state: tuple[str, ...]
+    reconstructs: bool  # scores come from reconstruction passes after the prompt (KVzip)
     rewritten_state: tuple[str, ...]
 
     def allocate(self, budget: Budget, prompt_len: int | None) -> tuple[int | None, int, int]: ...
@@ -151,3 +165,11 @@ class Policy(Protocol):
     def before_evict(self, layer: LayerView, victim, scores: torch.Tensor | None) -> None: ...
 
     def eviction_scores(self, layer: LayerView) -> torch.Tensor | None: ...
+
+    # a method that `reconstructs` (KVzip) scores the prompt by passes the Session runs after it (phase
+    # "reconstruct"), then the cache cuts every layer at once (kvbench.methods.kvzip documents the three)
+    def reconstruction_passes(self, context: torch.Tensor, prompts: RepeatPrompts) -> list: ...
+
+    def reconstruction_scores(self, layer: LayerView, queries: torch.Tensor, span: tuple[int, int]) -> torch.Tensor: ...
+
+    def reconstructed_budgets(self, scores: list[torch.Tensor], prefix: int, budget: int) -> list[torch.Tensor]: ...

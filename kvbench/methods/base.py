@@ -29,7 +29,7 @@ from kvbench.engine.budget import Budget
 from kvbench.engine.types import LayerView, ModelShape, Stats, StatsRequest, Victim
 from kvbench.errors import KVBenchError
 from kvbench.methods.critical import critical_scores
-from kvbench.methods.layers import pyramid_cap
+from kvbench.methods.layers import cake_allocations, cut_scores_now, keep_cut_scores, pyramid_cap
 from kvbench.methods.think import kept_channels
 from kvbench.methods.wrappers import check_wrappers
 
@@ -66,9 +66,15 @@ class Method:
     critical_ratio: float = 0.5
     critical_epsilon: float = 1e-4
     # uniform: every layer keeps C | pyramid: PyramidKV's schedule of layer budgets, mean C, lower layers more
-    # (kvbench.methods.layers; for methods with a plain top-k cut, stage prefill)
+    # | cake: CAKE's layer budgets (arXiv:2503.12491) from each layer's attention entropy and variance, earlier
+    # layers cut again as later ones come (kvbench.methods.layers; for methods with a plain top-k cut, stage prefill)
     layers: str = "uniform"
     pyramid_beta: int = 20
+    # layers: cake: the preference H^(1/tau1) x V^(1/tau2) of the last cake_window queries' attention (CAKE's
+    # tau1, tau2 and window; method=cake has its own window)
+    tau1: float = 1.0
+    tau2: float = 1.0
+    cake_window: int = 32
     # none | kivi2 | kivi4: KIVI (arXiv:2402.02750): after the prompt's cut the layer's KV is held at 2 or 4 bits,
     # keys per channel and values per token in groups of quant_group, the newest quant_residual tokens unquantized
     # (kvbench.engine.quantized); for a full cache and prefill-stage methods
@@ -95,6 +101,8 @@ class Method:
     slot_state: ClassVar[tuple[str, ...]] = ()
     # the slot states this method writes for every new token before reading them (not zeroed on write)
     rewritten_state: ClassVar[tuple[str, ...]] = ()
+    # scored by passes that reconstruct the prompt, after it (KVzip: kvbench.methods.kvzip)
+    reconstructs: ClassVar[bool] = False
     # supports `gqa: expand` (a method that does not compress accepts it and stores its full cache)
     expands: ClassVar[bool] = False
 
@@ -169,8 +177,8 @@ class Method:
     @property
     def run_label(self) -> str:
         """The label and the settings papers report as rows apart: `-chunkN` (ChunkKV), `-critical` (CriticalKV),
-        `-pyramid` (PyramidKV layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-thinkR` (ThinK),
-        `-agnostic` (query-agnostic compression; a full cache is the same either way)."""
+        `-pyramid` / `-cake` (PyramidKV's / CAKE's layer budgets), `-kivi2`/`-kivi4` (a quantized KV), `-thinkR`
+        (ThinK), `-agnostic` (query-agnostic compression; a full cache is the same either way)."""
         suffixes = [f"chunk{self.chunk}" if self.chunk else "", "critical" if self.critical else "",
                     self.layers if self.layers != "uniform" else "", self.quant if self.quant != "none" else "",
                     f"think{self.key_channels:g}" if self.key_channels else "",
@@ -203,18 +211,28 @@ class Method:
         `stats` its statistics): None for the prompt's `allocation` everywhere (`layers: uniform`), or one
         entry per layer, (C, sinks, recent) ((None, 0, 0): no limit) or None (unchanged). An earlier layer
         given a smaller budget is cut again by `recut_scores` (CAKE's cascade). `layers: pyramid` sets this
-        layer's from PyramidKV's schedule (`kvbench.methods.layers`)."""
+        layer's from PyramidKV's schedule, `layers: cake` every layer's so far from CAKE's preferences, keeping
+        this layer's own scores for its later cuts (computed here once more: the statistics are this call's)
+        (`kvbench.methods.layers`)."""
         budget, sinks, recent = allocation
         if self.layers == "uniform" or budget is None:
             return None
         layer, protected = layers[-1], sinks + recent
+        if self.layers == "cake":
+            if layer.seen <= budget:
+                return None  # nothing to cut
+            if len(layers) < shape.num_layers:  # a later layer's cut may cut it again
+                keep_cut_scores(layer, self.prefill_scores(layer, stats))
+            return cake_allocations(layers, stats.window_probs[:, :, -self.cake_window:], allocation,
+                                    shape.num_layers, self.tau1, self.tau2)
         cap = pyramid_cap(layer.layer_idx, shape.num_layers, budget - protected, layer.seen - protected,
                           self.pyramid_beta)
         return [None] * (len(layers) - 1) + [(cap + protected, sinks, recent)]
 
     def recut_scores(self, layer: LayerView) -> torch.Tensor | None:
-        """Scores for cutting an earlier layer again (`layer_allocations`); None: keep the most recent."""
-        return None
+        """Scores for cutting an earlier layer again (`layer_allocations`); None: keep the most recent.
+        `layers: cake`: the method's own scores at that layer's cut, kept by position."""
+        return cut_scores_now(layer) if self.layers == "cake" else None
 
     def split(self, budget: int) -> tuple[int, int]:
         """(sinks, recent) protected inside a budget of `budget` tokens; their sum never exceeds it."""
@@ -227,12 +245,15 @@ class Method:
     def statistics(self, phase: str) -> StatsRequest:
         """What the engine computes in `phase`: the method's own statistics (`stats_request`; none for a method
         that keeps everything, nor at a decode step of a prompt-only method), and at the prompt those of the
-        settings it turns on (CriticalKV: the output projection; ThinK: the last queries)."""
+        settings it turns on (CriticalKV: the output projection; ThinK: the last queries; `layers: cake`: the
+        attention rows of the last `cake_window` queries)."""
         own = self.compresses and (phase == "prefill" or self.stage == "decode")
         request = self.stats_request(phase) if own else StatsRequest()
         if phase == "prefill" and (self.critical or self.key_channels):
             request = replace(request, out_proj=self.critical,
                               window_queries=self.channel_window if self.key_channels else 0)
+        if phase == "prefill" and self.layers == "cake":
+            request = replace(request, window_probs=max(request.window_probs, self.cake_window))
         return request
 
     def prefill_scores(self, layer: LayerView, stats: Stats) -> torch.Tensor | None:

@@ -22,7 +22,9 @@ ends at the smallest budget it was given. `cascading: false` cuts every layer on
 A prompt of at most C + w tokens is left alone (the reference's test); a budget C <= w shrinks the
 window to C - 1 (the reference's total (C - w) x layers turns negative there). `stage: decode`: each layer then
 holds B_l + w tokens (B_l its last budget): a step evicts the prefix token with the lowest average-pooled
-attention of the new query (the reference's CakeDecodingKVCache_LayerWise).
+attention of the new query (the reference's CakeDecodingKVCache_LayerWise). The layer arithmetic
+(`preference`, `adjust_budgets`, `cake_budgets`) lives in `kvbench.methods.layers`, which also gives these
+layer budgets and their cascade to any scorer with a plain top-k cut (`method.layers=cake`).
 
 Carried over: the entropy and variance formulas (unbiased var, the 1e-10), the total (C - w) x layers, the
 budget adjustment rules, the mean + gamma x var indicator, avg-pool 5 with zero padding counted, the group
@@ -45,41 +47,9 @@ from kvbench.engine.budget import Budget
 from kvbench.engine.types import StatsRequest
 from kvbench.errors import KVBenchError
 from kvbench.methods.base import Method
+from kvbench.methods.layers import adjust_budgets, cake_budgets, preference
 
-
-def adjust_budgets(budgets: list[float], total: int, cap: int) -> list[int]:
-    """The reference's `adjust_budgets`: truncate to int, cap each at `cap` and give the excess evenly to the
-    layers under the cap (the remainder one each, first layers first), then make the sum `total` the same way
-    (adding to layers under the cap, or taking from layers above 1)."""
-    out = [int(b) for b in budgets]
-    excess = sum(max(b - cap, 0) for b in out)
-    out = [min(b, cap) for b in out]
-    if excess > 0:
-        _spread(out, excess, [i for i, b in enumerate(out) if b < cap])
-    diff = total - sum(out)
-    if diff > 0:
-        _spread(out, diff, [i for i, b in enumerate(out) if b < cap])
-    elif diff < 0:
-        _spread(out, diff, [i for i, b in enumerate(out) if b > 1])
-    return out
-
-
-def _spread(out: list[int], amount: int, layers: list[int]) -> None:
-    """Add `amount` (or take it, when negative) evenly over `layers`, the remainder one each to the first."""
-    if not layers:
-        return
-    sign = 1 if amount > 0 else -1
-    each, remainder = divmod(abs(amount), len(layers))
-    for rank, i in enumerate(layers):
-        out[i] += sign * (each + (rank < remainder))
-
-
-def preference(probs: torch.Tensor, tau1: float, tau2: float) -> float:
-    """pref = H^(1/tau1) x V^(1/tau2) from the window rows (batch, heads, w, n): the entropy and the summed
-    unbiased variance over the window queries, of the attention on the n - w prefix keys."""
-    prefix = probs[..., : probs.shape[-1] - probs.shape[2]]
-    dispersion = -(prefix * torch.log(prefix + 1e-10)).sum()
-    return (dispersion ** (1 / tau1) * prefix.var(dim=2).sum() ** (1 / tau2)).item()
+__all__ = ["CAKE", "adjust_budgets", "avg_pool", "preference"]  # the layer arithmetic lives in methods.layers
 
 
 def avg_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -149,10 +119,9 @@ class CAKE(Method):
         layers[-1].notes["preference"] = preference(stats.window_probs[:, :, -recent:], self.tau1, self.tau2)
         if not self.cascading and len(layers) < shape.num_layers:
             return [None] * (len(layers) - 1) + [(None, 0, 0)]
-        prefs = [layer.notes["preference"] for layer in layers]
-        total = (budget - recent) * shape.num_layers
-        shares = [p / sum(prefs) * total for p in prefs] if sum(prefs) > 0 else [total / len(prefs)] * len(prefs)
-        return [(b + recent, 0, recent) for b in adjust_budgets(shares, total, prompt - recent)]
+        budgets = cake_budgets([layer.notes["preference"] for layer in layers], (budget - recent) * shape.num_layers,
+                               prompt - recent)
+        return [(b + recent, 0, recent) for b in budgets]
 
     def recut_scores(self, layer):
         return layer.view("score")

@@ -1,12 +1,12 @@
 """The checks of the settings that compose with any method (`configs/method/*.yaml`): ChunkKV's `chunk`,
-CriticalKV's `critical`, PyramidKV's `layers`, KIVI's `quant`, ThinK's `key_channels`. Each refuses, in one line
-naming the fix, a method or stage it does not apply to."""
+CriticalKV's `critical`, PyramidKV's and CAKE's `layers`, KIVI's `quant`, ThinK's `key_channels`. Each refuses,
+in one line naming the fix, a method or stage it does not apply to."""
 
 from __future__ import annotations
 
 from kvbench.errors import KVBenchError
 
-LAYER_SCHEDULES = ("uniform", "pyramid")
+LAYER_SCHEDULES = ("uniform", "pyramid", "cake")
 QUANT_MODES = ("none", "kivi2", "kivi4")
 
 
@@ -66,8 +66,36 @@ def _layers(m) -> None:
                            "method.layers=uniform")
     if m.stage != "prefill":
         raise KVBenchError(f"method.layers={m.layers} sets budgets at the prompt: use method.stage=prefill")
-    if m.pyramid_beta < 1:
+    if m.layers == "pyramid" and m.pyramid_beta < 1:
         raise KVBenchError(f"method.pyramid_beta={m.pyramid_beta} must be >= 1")
+    if m.layers == "cake":
+        _cake_layers(m)
+
+
+def _cake_layers(m) -> None:
+    """`layers: cake` cuts earlier layers again at later layers' cuts, by the scores of their own cut: the
+    settings that rank by the budget (critical) or by chunks, or move a layer out of the dense store after its
+    cut (heads: ada, quant, key_channels), cannot be cut again."""
+    if m.heads == "ada":
+        raise KVBenchError("method.layers=cake cuts earlier layers again, which a heads=ada (ragged) store cannot "
+                           "take: use method.heads=equal or method.layers=pyramid")
+    if m.chunk:
+        raise KVBenchError("method.layers=cake cuts earlier layers again token by token, not by chunks: use "
+                           "method.chunk=0 or method.layers=pyramid")
+    if m.critical:
+        raise KVBenchError("method.layers=cake cuts earlier layers again to budgets CriticalKV's ranking was not "
+                           "made for: use method.critical=false or method.layers=pyramid")
+    if getattr(m, "reconstructs", False):
+        raise KVBenchError(f"method.layers=cake sets budgets at each layer's prompt cut; {m.name} scores after "
+                           "the prompt: use method.layers=uniform")
+    if m.tau1 <= 0 or m.tau2 <= 0 or m.cake_window < 2:
+        raise KVBenchError(f"method.tau1={m.tau1} and method.tau2={m.tau2} must be > 0 and method.cake_window="
+                           f"{m.cake_window} >= 2 (a variance over the window queries)")
+
+
+def _cuts_again(m) -> bool:
+    """CAKE's cascade (method=cake, or layers: cake) cuts a layer again after its own cut."""
+    return m.layers == "cake" or m.name == "cake"
 
 
 def _quant(m) -> None:
@@ -79,6 +107,9 @@ def _quant(m) -> None:
     if m.per_head or m.positions != "original":
         raise KVBenchError("method.quant takes one store per layer at original positions: use a method "
                            "without per-head budgets and method.positions=original")
+    if _cuts_again(m):
+        raise KVBenchError("method.quant holds each layer quantized from its cut on, where CAKE's cascade cannot "
+                           "cut it again: use method.quant=none (or method.layers=pyramid)")
     if m.quant_group < 1 or m.quant_residual < m.quant_group or m.quant_residual % m.quant_group:
         raise KVBenchError(f"method.quant_residual={m.quant_residual} must be a positive multiple of "
                            f"method.quant_group={m.quant_group}")
@@ -93,3 +124,6 @@ def _channels(m) -> None:
                            "method.positions=original and a method without per-head budgets")
     if m.quant != "none":
         raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
+    if _cuts_again(m):
+        raise KVBenchError("method.key_channels holds each layer's pruned keys from its cut on, where CAKE's "
+                           "cascade cannot cut it again: use method.key_channels=0 (or method.layers=pyramid)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from kvbench.engine.types import RepeatPrompts
 from kvbench.errors import KVBenchError
 
 VICUNA_SYSTEM = (
@@ -32,3 +35,34 @@ def wrap_chat(prompt: str, chat_format: str, tokenizer=None, template_kwargs: di
             **(template_kwargs or {}),
         )
     raise KVBenchError(f"model.chat_format={chat_format} is not one of: {', '.join(CHAT_FORMATS)}")
+
+
+def chat_frame(chat_format: str, tokenizer=None, template_kwargs: dict | None = None) -> tuple[str, str]:
+    """(opening, suffix): the text `wrap_chat` puts before a user's message and between it and the answer.
+    As kvpress's KVzipPress finds them: a dummy message followed by a separator line, wrapped and split; a
+    prompt with no chat format ends its message with "\n"."""
+    if chat_format == "none":
+        return "", "\n"
+    dummy = "dummy context"
+    separator = "\n" + "#" * len(dummy)
+    wrapped = wrap_chat(dummy + separator, chat_format, tokenizer, template_kwargs)
+    opening_and_message, suffix = wrapped.split(separator)
+    return opening_and_message.split(dummy)[0], suffix
+
+
+def repeat_prompts(tokenizer, method, context: torch.Tensor, chat_format: str = "none",
+                   template_kwargs: dict | None = None, encode=None) -> RepeatPrompts | None:
+    """For a method that reconstructs the prompt (KVzip; None for any other): its two prompts and the chat
+    format's suffix as token ids (no special tokens), and how many of `context`'s (1, n) first tokens are the
+    chat format's opening, as `encode` (text -> ids (1, n); default: the tokenizer's) tokenizes it. With no
+    opening nothing is left out: a BOS is repeated with the first chunk, as kvpress's prefix_length 0."""
+    if not getattr(method, "reconstructs", False):
+        return None
+    opening, suffix = chat_frame(chat_format, tokenizer, template_kwargs)
+    plain = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # noqa: E731
+    encode = encode or (lambda text: tokenizer(text, return_tensors="pt").input_ids)
+    opening_ids = encode(opening)[0] if opening else torch.zeros(0, dtype=torch.long)
+    n = min(len(opening_ids), context.shape[1])
+    same = (opening_ids[:n] == context[0, :n].cpu()).long()
+    return RepeatPrompts(int(same.cumprod(0).sum()), plain(method.first_prompt), plain(method.later_prompt),
+                         plain(suffix))

@@ -16,8 +16,9 @@ import torch
 
 from kvbench.engine import Budget, Policy, Sampling, Session
 from kvbench.engine.batch import Request, batch_plan, decode_together
+from kvbench.engine.types import RepeatPrompts
 from kvbench.errors import KVBenchError
-from kvbench.models.chat import wrap_chat
+from kvbench.models.chat import repeat_prompts, wrap_chat
 
 
 @dataclass
@@ -89,14 +90,16 @@ def generate(
     min_new_tokens: int = 0,
     question_ids: torch.Tensor | None = None,
     sampling: Sampling | None = None,
+    repeat: RepeatPrompts | None = None,
 ) -> Generation:
     """Greedy decoding of a batch of equal-length prompts `input_ids` (batch, n) through a `Session`; with
-    `question_ids`, `input_ids` is the context, compressed before the question is appended (query-agnostic)."""
+    `question_ids`, `input_ids` is the context, compressed before the question is appended (query-agnostic);
+    `repeat`: what a method that reconstructs the prompt (KVzip) asks the model (`Generator.repeat_prompts`)."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     question = 0 if question_ids is None else question_ids.shape[1]
-    session = Session(model, method, budget, reserve=max_new_tokens + question)
+    session = Session(model, method, budget, reserve=max_new_tokens + question, repeat=repeat)
     greedy = session.generate(input_ids, max_new_tokens, stop_token_ids, min_new_tokens,
                               None if question_ids is None else question_ids.to(device), sampling)
     kv = {**greedy.prompt_kv, **decode_kv(greedy.prompt_kv, session.kv_summary())}
@@ -180,11 +183,18 @@ class Generator:
     def query(self) -> str:
         return getattr(self.method, "query", "aware")
 
+    def repeat_prompts(self, context: torch.Tensor) -> RepeatPrompts | None:
+        """What a method that reconstructs the prompt (KVzip) asks the model, for `context` (1, n) in this chat
+        format (`kvbench.models.chat.repeat_prompts`); None for other methods."""
+        return repeat_prompts(self.tokenizer, self.method, context, self.chat_format, self.chat_template_kwargs,
+                              self.encode)
+
     def run(self, prompt: Prompt) -> Generation:
         """One prompt, alone (batch 1)."""
         context, question = prompt.parts(self.query)
         return generate(self.model, context, self.method, self.budget, prompt.max_new_tokens,
-                        prompt.stop_token_ids, prompt.min_new_tokens, question, prompt.sampling)
+                        prompt.stop_token_ids, prompt.min_new_tokens, question, prompt.sampling,
+                        self.repeat_prompts(context))
 
     def run_many(self, prompts: Iterable[Prompt], batch_size: int | str = 1) -> Iterator[tuple[int, Prompt, Generation]]:
         """Every prompt, decoded `batch_size` at a time (`kvbench.engine.batch`; "auto": as many as the free
@@ -197,7 +207,7 @@ class Generator:
                 seen[i] = prompt
                 context, question = prompt.parts(self.query)
                 yield Request(context, prompt.max_new_tokens, prompt.stop_token_ids, prompt.min_new_tokens, question,
-                              prompt.sampling)
+                              prompt.sampling, self.repeat_prompts(context))
 
         device = next(self.model.parameters()).device
         size, admit = batch_plan(self.model, batch_size, device)

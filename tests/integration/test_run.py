@@ -134,7 +134,7 @@ def test_override_precheck_names_valid_choices():
     assert check_overrides(["method=h2oo"]) == (
         "unknown method 'h2oo'; choose one of: ada_snapkv, cake, critical_adakv_expected_attention, "
         "critical_expected_attention, critical_snapkv, duo_attention, expected_attention, full, h2o, h2o-sink4, headkv, "
-        "keydiff, kivi, knorm, lagkv, pyramidkv, qfilter, random, scissorhands, simlayerkv, snapkv, snapkv-agnostic, "
+        "keydiff, kivi, knorm, kvzip, lagkv, pyramidkv, qfilter, random, scissorhands, simlayerkv, snapkv, snapkv-agnostic, "
         "streamingllm, tova, vatp, vatp-scissorhands, weightedkv"
     )
     assert "choose one of" in check_overrides(["model=llama3"])

@@ -9,6 +9,7 @@ import torch
 
 from kvbench.engine import Budget, Session, install
 from kvbench.engine.batch import BatchedCache, Request, decode_together
+from kvbench.engine.types import RepeatPrompts
 from kvbench.methods import build
 from kvbench.models.families import method_variants, tiny_model
 from tests.helpers import HEAD_SCORES
@@ -18,13 +19,17 @@ NEW = [12, 20, 7, 16, 20, 3, 20, 9, 14]  # mixed; stop token 5 ends some early
 STOP = 5
 
 
+REPEAT = RepeatPrompts(2, torch.tensor([7, 8, 9]), torch.tensor([10, 11]), torch.tensor([12]))  # for kvzip
+
+
 def requests():
     g = torch.Generator().manual_seed(1)
-    return [Request(torch.randint(0, 128, (1, n), generator=g), new, [STOP]) for n, new in zip(LENGTHS, NEW)]
+    return [Request(torch.randint(0, 128, (1, n), generator=g), new, [STOP], repeat=REPEAT)
+            for n, new in zip(LENGTHS, NEW)]
 
 
 def alone(model, settings, budget, request):
-    session = Session(model, build(settings), budget, reserve=request.max_new_tokens)
+    session = Session(model, build(settings), budget, reserve=request.max_new_tokens, repeat=request.repeat)
     return session.generate(request.input_ids, request.max_new_tokens, request.stop_token_ids).tokens[0]
 
 

@@ -153,3 +153,25 @@ def test_cake_on_tiny_models(family):
                for layer in short.cache.layers)
     for settings in ({"name": "cake", "window": 4}, {"name": "cake", "window": 4, "stage": "decode"}):
         assert_batched_equals_alone(model, settings, 12)
+
+
+def test_a_sliding_layer_cut_again_masks_by_positions():
+    """The cascade's second cut of a sliding layer (Gemma 2) leaves gaps in its positions: its decode steps must
+    then mask by position (`gaps`), or a kept token that left the window would still be seen."""
+    from kvbench.engine import Session, install
+    from kvbench.models.families import tiny_model
+
+    model = tiny_model("gemma2", num_hidden_layers=3)
+    install(model, "sdpa")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    checked = 0
+    for settings, budget in (({"name": "cake", "window": 4}, 8), ({"name": "knorm", "layers": "cake", "cake_window": 4}, 6)):
+        session = Session(model, build(settings), Budget(tokens=budget), reserve=2)
+        session.prefill(ids)
+        for layer in session.cache.layers:
+            if layer.window:  # its own cut kept the window's tokens (a budget above them); the second cut did not
+                pos = layer.view("pos")[0, 0].sort().values
+                if not torch.equal(pos, torch.arange(layer.seen - layer.length, layer.seen)):
+                    assert layer.gaps, (settings, layer.layer_idx)
+                    checked += 1
+    assert checked >= 2

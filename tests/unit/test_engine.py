@@ -225,6 +225,8 @@ def test_half_precision_stays_finite(dtype, name, half_models):
     model = half_models[dtype]
     cfg = method_configs()[name]
     ids = prompt_ids(60, seed=9)
+    if cfg["name"] == "kvzip":
+        pytest.skip("its passes need a Session: test_kvzip.py::test_half_precision_stays_finite")
     duo = cfg["name"] == "duo_attention"  # refuses budgets under its streaming window (sink 2 + recent 4 here)
     for tokens in ((6, 200) if duo else (1, cfg.get("sinks", 0) + 1, 200)):
         cache = CompressedCache(model, build(cfg), Budget(tokens=tokens))

@@ -199,7 +199,7 @@ def test_every_registered_method_has_a_config_and_a_case():
     others = {"full", "weightedkv", "headkv", "ada_snapkv", "pyramidkv",
               "knorm", "keydiff", "lagkv", "random",  # test_scorers.py
               "duo_attention", "expected_attention", "qfilter",  # test_duo_attention.py, test_expected_attention.py,
-              "simlayerkv", "cake"}  # test_qfilter.py, test_simlayerkv.py, test_cake.py
+              "simlayerkv", "cake", "kvzip"}  # test_qfilter.py, test_simlayerkv.py, test_cake.py, test_kvzip.py
     assert {c[0]["name"] for c in CASES} | others == set(REGISTRY)
 
 
