@@ -119,7 +119,9 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        if self.keys is not None:
+            return self.keys.shape[2]
+        return self.state["pos"].shape[-1] if "pos" in self.state else 0  # a compact store's token states
 
     def state_names(self) -> list[str]:
         names = ["pos", *self.owner.method.slot_state]
@@ -128,9 +130,11 @@ class CompressedLayer(CacheLayerMixin):
         return names
 
     def _allocate(self, batch, heads, capacity, head_dim):
-        """Fresh buffers: kv (2, batch, heads, capacity, head_dim), and the state by name, each a row of
-        its group's buffer (k, batch, heads, capacity): {group buffer: its names}."""
-        kv = torch.empty(2, batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        """Fresh buffers: kv (2, batch, heads, capacity, head_dim) (None without a head_dim: a compact store
+        holds the tokens), and the state by name, each a row of its group's buffer (k, batch, heads,
+        capacity): {group buffer: its names}."""
+        kv = None if head_dim is None else \
+            torch.empty(2, batch, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
         names = self.state_names()
         state = {}
         for dtype, group in ((torch.long, [n for n in names if n in INT_STATE]),
@@ -144,9 +148,10 @@ class CompressedLayer(CacheLayerMixin):
         return kv, state
 
     def _set_buffers(self, kv, groups) -> None:
-        self.kv, self.keys, self.values = kv, kv[0], kv[1]
+        self.kv, self.keys, self.values = kv, *((None, None) if kv is None else (kv[0], kv[1]))
         self.state = {name: row for rows in groups.values() for name, row in rows.items()}
-        self.buffers = [(b, torch.arange(b.shape[0], device=b.device)[:, None, None]) for b in (kv, *groups)]
+        self.buffers = [(b, torch.arange(b.shape[0], device=b.device)[:, None, None])
+                        for b in ((kv,) if kv is not None else ()) + tuple(groups)]
         method = self.owner.method
         zeroed = set(method.slot_state) - set(method.rewritten_state)
         self.scores = next((b for b, rows in groups.items() if zeroed & set(rows)), None)
@@ -155,9 +160,10 @@ class CompressedLayer(CacheLayerMixin):
     def _grow(self, key_states, needed: int):
         batch, heads, _, head_dim = key_states.shape
         capacity = max(needed, 2 * self.capacity) if self.capacity else needed
-        kv, groups = self._allocate(batch, heads, capacity, head_dim)
-        if self.length:
+        kv, groups = self._allocate(batch, heads, capacity, None if self.store is not None else head_dim)
+        if self.length and kv is not None:
             kv[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
+        if self.length:
             for rows in groups.values():
                 for name, row in rows.items():
                     row[:, :, : self.length] = self.view(name)
@@ -166,7 +172,13 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.store is not None:  # the dequantized keys and values / the pruned channels as zero
             self.store.append(key_states, value_states)
-            self.seen += key_states.shape[2]
+            q = key_states.shape[2]
+            if self.state:  # a decode-stage method evicts from the store: the tokens' states, in its slot order
+                if self.length + q > self.capacity:
+                    self._grow(key_states, self.length + q)
+                self._write_state(q)
+            else:
+                self.seen += q
             return self.store.keys(), self.store.values()
         if self.ragged is not None:  # kvbench_attention reads the ragged store itself
             groups = self.ragged.heads // key_states.shape[1]  # > 1: one segment per query head (gqa: expand)
@@ -182,9 +194,14 @@ class CompressedLayer(CacheLayerMixin):
         if self.length + q > self.capacity:
             needed = self.length + q
             self._grow(key_states, self.owner.first_capacity(q) if self.capacity == 0 else needed)
-        start = self.length  # views from part(): a cache at its budget writes the same slot every step
-        self.part("keys", start, q).copy_(key_states)
-        self.part("values", start, q).copy_(value_states)
+        self.part("keys", self.length, q).copy_(key_states)  # views from part(): a cache at its budget writes
+        self.part("values", self.length, q).copy_(value_states)  # the same slot every step
+        self._write_state(q)
+        return self.current_keys(), self.part("values", 0, self.length)
+
+    def _write_state(self, q: int) -> None:
+        """The states of `q` new tokens at the end of the slots (their keys and values are written)."""
+        start = self.length
         pos = self.part("pos", start, q)
         if q == 1:
             pos.fill_(self.seen)
@@ -202,7 +219,6 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += q
         if self.length > self.peak:
             self.peak = self.length
-        return self.current_keys(), self.part("values", 0, self.length)
 
     def current_keys(self) -> torch.Tensor:
         keys = self.part("keys", 0, self.length)
@@ -267,6 +283,8 @@ class CompressedLayer(CacheLayerMixin):
         """Slots [start, start + n) of `keys`, `values`, `scores` (the zeroed state group) or a state, as a
         view kept while the buffers are: a cache held at its budget writes and reads the same slots at every
         decode step, so its views are made once (views launch no kernel, but each is an op to dispatch)."""
+        if self.store is not None and name in ("keys", "values"):  # as the attention reads them (a new tensor)
+            return (self.store.keys() if name == "keys" else self.store.values()).narrow(2, start, n)
         key = (name, start, n)
         view = self._parts.get(key)
         if view is None:
@@ -333,17 +351,37 @@ class CompressedLayer(CacheLayerMixin):
         return sum(self.kept_per_head()) * self.bytes_per_token()
 
     def to_store(self, store: QuantizedKV | PrunedKeys) -> None:
-        """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a compact store."""
+        """Move the layer's tokens (slots in position order: a prompt, or a prompt cut) into a compact store;
+        a decode-stage method keeps their states (it evicts from the store, `_evict_from_store`)."""
         self.head_dim = self.keys.shape[-1]
         store.append(self.keys[:, :, : self.length], self.values[:, :, : self.length])
         self.store = store
-        self._free_dense()
+        method = self.owner.method
+        if method.compresses and method.stage == "decode":
+            kv, self.kv, self.keys, self.values = self.kv, None, None, None
+            self.buffers = [(b, rows) for b, rows in self.buffers if b is not kv]
+            self._parts, self.ring_end = {}, None  # eviction keeps the store's slot order: no ring
+        else:
+            self._free_dense()
 
     def _free_dense(self) -> None:
         """Drop the dense buffers and per-token states (the tokens moved to another store)."""
         self.kv = self.keys = self.values = self.scores = None
         self.state, self.buffers, self._parts = {}, [], {}
         self.length = 0
+
+    def _evict_from_store(self, victim: torch.Tensor | int) -> None:
+        """Drop slot `victim` (batch, heads), or one slot in every head (an int), from the compact store and
+        from the states, the other tokens keeping their order (a quantized key keeps its group's scale)."""
+        n = self.length
+        batch, heads = self.state["pos"].shape[:2]
+        slots = torch.arange(n, device=self.device).expand(batch, heads, n)
+        victim = torch.as_tensor(victim, device=self.device).expand(batch, heads)
+        keep = slots[slots != victim[..., None]].view(batch, heads, n - 1)
+        self.store.keep(keep)
+        for buffer, _ in self.buffers:
+            buffer[..., : n - 1] = buffer[..., :n].gather(3, keep.expand(buffer.shape[0], -1, -1, -1))
+        self.length -= 1
 
     def to_ragged(self, keep: torch.Tensor, reserve: int) -> None:
         """Move to a ragged store holding, per head, the slots where `keep` (batch, heads, length) is True.
@@ -360,7 +398,9 @@ class CompressedLayer(CacheLayerMixin):
     def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None, sinks: int = 0) -> None:
         """Drop slot `victim` (batch, heads) in every head (whose positions are `victim_pos` when known), or
         the ring's oldest slot (an int, from `oldest_in_ring(sinks)`) in every head; the last slot moves into
-        its place (a victim in the last slot copies onto itself)."""
+        its place (a victim in the last slot copies onto itself). A compact store keeps its order instead."""
+        if self.store is not None:
+            return self._evict_from_store(victim)
         last = self.length - 1
         if self.owner.shifted:
             if isinstance(victim, int):

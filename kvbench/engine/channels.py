@@ -1,5 +1,5 @@
 """A layer's KV with pruned key channels (ThinK, `method.key_channels`): the prompt's keys hold only the kept
-channels of each KV head, decoded tokens are appended whole.
+channels of each KV head, decoded tokens are appended whole; `keep` drops tokens (decode-stage eviction).
 
 The attention reads the keys with the pruned channels as zeros (what kvpress's ThinKPress computes by zeroing
 them in place), so the logits are the kept channels' dot products; the memory held is the kept channels only.
@@ -51,3 +51,14 @@ class PrunedKeys:
 
     def values(self) -> torch.Tensor:
         return self.all_values
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep slots `indices` (B, H, C), distinct in each head; drop the others (decode-stage eviction). The
+        prompt tokens every head still holds stay pruned; a head holding more of them than another passes its
+        newer ones to the appended keys as the attention reads them (pruned channels zero): nothing read changes."""
+        idx = indices.sort(dim=-1).values
+        shared = int((idx < self.prefix.shape[2]).sum(-1).min())
+        take = lambda x, i: x.gather(2, i[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+        self.tail_keys = take(self.keys(), idx[..., shared:])
+        self.prefix = take(self.prefix, idx[..., :shared])
+        self.all_values = take(self.all_values, idx)

@@ -77,7 +77,7 @@ class Method:
     cake_window: int = 32
     # none | kivi2 | kivi4: KIVI (arXiv:2402.02750): after the prompt's cut the layer's KV is held at 2 or 4 bits,
     # keys per channel and values per token in groups of quant_group, the newest quant_residual tokens unquantized
-    # (kvbench.engine.quantized); for a full cache and prefill-stage methods
+    # (kvbench.engine.quantized); a decode-stage method evicts from the quantized store
     quant: str = "none"
     quant_group: int = 32
     quant_residual: int = 128
@@ -101,6 +101,8 @@ class Method:
     slot_state: ClassVar[tuple[str, ...]] = ()
     # the slot states this method writes for every new token before reading them (not zeroed on write)
     rewritten_state: ClassVar[tuple[str, ...]] = ()
+    # writes a victim's value into another token's at a decode eviction (WeightedKV): no compact store then
+    merges: ClassVar[bool] = False
     # scored by passes that reconstruct the prompt, after it (KVzip: kvbench.methods.kvzip)
     reconstructs: ClassVar[bool] = False
     # supports `gqa: expand` (a method that does not compress accepts it and stores its full cache)

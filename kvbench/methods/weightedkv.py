@@ -110,6 +110,7 @@ class WeightedKV(Method):
     sinks: int = 4
 
     name: ClassVar[str] = "weightedkv"
+    merges: ClassVar[bool] = True
     query_aware: ClassVar[bool] = True
     cost: ClassVar[str] = "column sums of attention; merges values at eviction"
     reference: ClassVar[str] = "arXiv:2503.01330 (no official code)"

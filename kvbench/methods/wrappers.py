@@ -101,9 +101,9 @@ def _cuts_again(m) -> bool:
 def _quant(m) -> None:
     if m.quant not in QUANT_MODES:
         raise KVBenchError(f"method.quant={m.quant} is not one of: {', '.join(QUANT_MODES)}")
-    if m.compresses and m.stage != "prefill":
-        raise KVBenchError("method.quant holds the KV quantized after the prompt's cut; evicting from it while "
-                           "decoding is not built yet: use method.stage=prefill")
+    if m.compresses and m.stage == "decode" and m.merges:
+        raise KVBenchError(f"method.quant holds the KV quantized, and {m.name} merges values while decoding: use "
+                           "method.stage=prefill or another method")
     if m.per_head or m.positions != "original":
         raise KVBenchError("method.quant takes one store per layer at original positions: use a method "
                            "without per-head budgets and method.positions=original")
@@ -119,9 +119,9 @@ def _channels(m) -> None:
     if not 0 <= m.key_channels < 1 or m.channel_window < 1:
         raise KVBenchError(f"method.key_channels={m.key_channels} must be in [0, 1) and method.channel_window "
                            f"={m.channel_window} >= 1")
-    if m.compresses and m.stage != "prefill" or m.per_head or m.positions != "original":
-        raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.stage=prefill, "
-                           "method.positions=original and a method without per-head budgets")
+    if m.per_head or m.positions != "original" or m.compresses and m.stage == "decode" and m.merges:
+        raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.positions="
+                           "original and a method without per-head budgets (nor value merges while decoding)")
     if m.quant != "none":
         raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
     if _cuts_again(m):

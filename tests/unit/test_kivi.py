@@ -83,7 +83,7 @@ def test_batched_equals_alone_and_sliding_layers_keep_their_window(family):
 def test_settings():
     assert build({"name": "snapkv", "quant": "kivi2"}).run_label == "snapkv-kivi2"
     assert build({"name": "full", "quant": "kivi4"}).run_label == "full-kivi4"
-    for cfg, message in (({"name": "h2o"}, "method.stage=prefill"), ({"name": "ada_snapkv"}, "per-head"),
+    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "merges values"), ({"name": "ada_snapkv"}, "per-head"),
                          ({"name": "knorm", "heads": "ada"}, "per-head"),
                          ({"name": "streamingllm", "positions": "shifted", "stage": "prefill"}, "positions=original"),
                          ({"name": "full", "quant": "kivi3"}, "is not one of"),
@@ -96,3 +96,54 @@ def test_a_group_that_does_not_divide_the_head_dim_is_one_line(llama):
     session = Session(llama, build({"name": "full", "quant": "kivi2"}), reserve=2)  # group 32, head dim 16
     with pytest.raises(KVBenchError, match="method.quant_group=32 must divide the model's head dim 16"):
         session.prefill(prompt(20))
+
+
+DECODE = [{"name": "h2o"}, {"name": "tova"}, {"name": "knorm", "stage": "decode"}, {"name": "vatp"},
+          {"name": "keydiff", "stage": "decode"}, {"name": "streamingllm", "positions": "original", "stage": "decode"}]
+
+
+@pytest.mark.parametrize("cfg", DECODE, ids=lambda c: c["name"])
+def test_decode_stage_eviction_from_an_unquantized_store_is_the_plain_method(llama, cfg):
+    """A residual above every token quantizes nothing: evicting from the store while decoding keeps exactly the
+    plain method's tokens (its states follow the store's order)."""
+    ids = prompt(40, seed=5)
+    plain = Session(llama, build(cfg), Budget(tokens=16), reserve=12)
+    quant = Session(llama, build({**cfg, "quant": "kivi2", "quant_group": 8, "quant_residual": 64}),
+                    Budget(tokens=16), reserve=12)
+    assert quant.generate(ids, 12, []).tokens == plain.generate(ids, 12, []).tokens
+    for dense, layer in zip(plain.cache.layers, quant.cache.layers):
+        assert layer.store is not None and layer.length == layer.store.length == 16
+        assert torch.equal(layer.view("pos").sort(-1).values, dense.view("pos").sort(-1).values)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("cfg", DECODE[:3], ids=lambda c: c["name"])
+@torch.inference_mode()
+def test_decode_stage_eviction_from_a_quantized_store(llama, cfg, bits):
+    """Quantized groups and a residual: the layer holds its budget at every step, and each slot's dequantized key
+    is its position's true key within the quantization step (the states and the store stay aligned)."""
+    ids = prompt(45, seed=6)
+    session = Session(llama, build({**cfg, "quant": f"kivi{bits}", **SETTINGS}), Budget(tokens=24), reserve=14)
+    tokens = session.generate(ids, 14, []).tokens[0]
+    truth = Session(llama, build({"name": "full"}), reserve=14)
+    truth.prefill(ids)
+    for token in tokens[:-1]:
+        truth.step(torch.tensor([[token]]))
+    for layer, full in zip(session.cache.layers, truth.cache.layers):
+        store = layer.store
+        assert layer.length == store.length == 24 and store.quantized_length >= 8
+        pos = layer.view("pos")
+        true_keys = full.view("keys").gather(2, pos[..., None].expand(-1, -1, -1, full.view("keys").shape[-1]))
+        spread = full.view("keys").amax(2, keepdim=True) - full.view("keys").amin(2, keepdim=True)
+        # layer 0's keys depend on the tokens alone; a later layer's decoded keys on the quantized layers below.
+        # Within two half steps: a head that kept fewer residual tokens took some back dequantized, and they are
+        # quantized again when the residual next fills (QuantizedKV.keep)
+        same_input = pos < ids.shape[1] if layer.layer_idx else torch.ones_like(pos, dtype=torch.bool)
+        error = (store.keys() - true_keys).abs()[same_input]
+        assert (error <= (spread / (2**bits - 1)).expand_as(true_keys)[same_input] + 1e-5).all()
+    summary = session.cache.kv_summary()
+    assert summary["kv_kept_bytes"] == sum(layer.store.nbytes for layer in session.cache.layers)
+
+
+def test_decode_stage_kivi_batched_equals_alone(llama):
+    assert_batched_equals_alone(llama, {"name": "h2o", "quant": "kivi2", **SETTINGS}, 20, seed=7)

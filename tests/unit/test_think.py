@@ -6,8 +6,10 @@ bytes held; decoding and batching on tiny models."""
 import pytest
 import torch
 
+from kvbench.engine import Budget, Session, install
 from kvbench.errors import KVBenchError
 from kvbench.methods import build
+from kvbench.models.families import tiny_model
 from tests.helpers import assert_batched_equals_alone, one_layer_cache
 from tests.unit.test_methods import random_inputs
 
@@ -79,8 +81,38 @@ def test_decoding_appends_whole_keys_and_batches_equal_alone():
 
 def test_settings():
     assert build({"name": "snapkv", "key_channels": 0.5}).run_label == "snapkv-think0.5"
-    for cfg, message in (({"name": "h2o"}, "stage=prefill"), ({"name": "ada_snapkv"}, "per-head"),
+    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "value merges"), ({"name": "ada_snapkv"}, "per-head"),
                          ({"name": "full", "key_channels": 1.0}, r"in \[0, 1\)"),
                          ({"name": "full", "quant": "kivi2"}, "set one of them")):
         with pytest.raises(KVBenchError, match=message):
             build({"key_channels": 0.5, **cfg})
+
+
+@pytest.mark.parametrize("cfg", [{"name": "h2o"}, {"name": "tova"}, {"name": "knorm", "stage": "decode"}],
+                         ids=lambda c: c["name"])
+@torch.inference_mode()
+def test_decode_stage_eviction_from_pruned_keys(cfg):
+    """Evicting from the pruned store while decoding: with no channel pruned (int(16 x 0.05) = 0) the plain
+    method's tokens; with half pruned, each slot reads its position's key with the pruned channels zero."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    install(model, "sdpa")
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(8))
+    plain = Session(model, build(cfg), Budget(tokens=16), reserve=10)
+    none = Session(model, build({**cfg, "key_channels": 0.05}), Budget(tokens=16), reserve=10)
+    assert none.generate(ids, 10, []).tokens == plain.generate(ids, 10, []).tokens
+    half = Session(model, build({**cfg, "key_channels": 0.5}), Budget(tokens=16), reserve=10)
+    tokens = half.generate(ids, 10, []).tokens[0]
+    truth = Session(model, build({"name": "full"}), reserve=10)
+    truth.prefill(ids)
+    for token in tokens[:-1]:
+        truth.step(torch.tensor([[token]]))
+    for layer, full in zip(half.cache.layers, truth.cache.layers):
+        assert layer.length == layer.store.length == 16
+        pos = layer.view("pos")
+        true_keys = full.view("keys").gather(2, pos[..., None].expand(-1, -1, -1, 16))
+        kept = torch.zeros(*pos.shape[:2], 16, dtype=torch.bool).scatter_(-1, layer.store.kept, True)
+        prompt_token = (pos < ids.shape[1])[..., None]
+        expected = torch.where(prompt_token & ~kept[:, :, None], torch.zeros_like(true_keys), true_keys)
+        # layer 0's keys depend on the tokens alone; a later layer's decoded keys on the pruned layers below
+        same_input = (pos < ids.shape[1]) if layer.layer_idx else torch.ones_like(pos, dtype=torch.bool)
+        torch.testing.assert_close(layer.store.keys()[same_input], expected[same_input], rtol=0, atol=1e-6)
