@@ -86,6 +86,7 @@ WRAPPER_RUNS = {  # the settings that compose with any scorer, on representative
     "knorm-chunk10": {"name": "knorm", "stage": "prefill", "chunk": 10},
     "snapkv-think0.5": {"name": "snapkv", "key_channels": 0.5},
     "snapkv-kivi4": {"name": "snapkv", "quant": "kivi4", "quant_group": 8, "quant_residual": 32},  # any head dim
+    "h2o-kivi2": {"name": "h2o", "quant": "kivi2", "quant_group": 8, "quant_residual": 32},  # evicts from the store
 }
 QFILTER_FOLDER = "random_qfilters"
 

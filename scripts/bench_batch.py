@@ -74,7 +74,7 @@ def run(model, reqs, settings, budget, batch) -> tuple[float, dict[int, list[int
     return time.perf_counter() - start, tokens
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a configs/model name, or random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/bench")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     torch.set_num_threads(args.threads)
     model, vocab = load_model(args)
