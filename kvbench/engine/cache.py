@@ -341,13 +341,15 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes of one token's key and value in one head, unquantized."""
         if self.store is not None:
             return 2 * self.head_dim * self.dtype.itemsize
-        keys = self.ragged.prefix_keys if self.ragged is not None else self.keys
+        keys = self.ragged.decode_keys if self.ragged is not None else self.keys
         return 2 * keys.shape[-1] * keys.element_size()
 
     def kept_bytes(self) -> int:
         """Bytes one sequence's KV holds in this layer (a compact store: as it holds them)."""
         if self.store is not None:
             return self.store.nbytes // self.store.batch
+        if self.ragged is not None and self.ragged.quantized is not None:
+            return self.ragged.nbytes // self.ragged.batch
         return sum(self.kept_per_head()) * self.bytes_per_token()
 
     def to_store(self, store: QuantizedKV | PrunedKeys) -> None:
@@ -393,6 +395,10 @@ class CompressedLayer(CacheLayerMixin):
         if groups > 1:
             keys, values, pos = (x.repeat_interleave(groups, dim=1) for x in (keys, values, pos))
         self.ragged = RaggedKV(keys, values, keep, pos, reserve)
+        method = self.owner.method
+        if method.quant != "none":  # KIVI on per-head budgets: the packed prompt held quantized
+            self.owner._check_group(keys.shape[-1])
+            self.ragged.quantize(BITS[method.quant], method.quant_group, method.quant_residual)
         self._free_dense()
 
     def evict(self, victim: torch.Tensor | int, victim_pos: torch.Tensor | None = None, sinks: int = 0) -> None:
@@ -545,10 +551,13 @@ class CompressedCache(Cache):
         method = self.method
         if method.key_channels:
             return PrunedKeys(method.kept_channels(layer, stats)) if stats.window_queries is not None else None
-        if layer.keys.shape[-1] % method.quant_group:
-            raise KVBenchError(f"method.quant_group={method.quant_group} must divide the model's head dim "
-                               f"{layer.keys.shape[-1]}: set method.quant_group to a divisor of it")
+        self._check_group(layer.keys.shape[-1])
         return QuantizedKV(BITS[method.quant], method.quant_group, method.quant_residual)
+
+    def _check_group(self, head_dim: int) -> None:
+        if head_dim % self.method.quant_group:
+            raise KVBenchError(f"method.quant_group={self.method.quant_group} must divide the model's head dim "
+                               f"{head_dim}: set method.quant_group to a divisor of it")
 
     # -- called by kvbench_attention after each layer's attention
     def stats_request(self, layer_idx: int, q_len: int) -> StatsRequest:
@@ -572,7 +581,8 @@ class CompressedCache(Cache):
         while layer.window and layer.length > layer.window - 1:  # a decode step: the oldest left the window
             victim = layer.oldest_in_ring(0)
             layer.evict(oldest(layer, 0) if victim is None else victim)
-        if self.compact and layer.store is None and layer.ragged is None and not layer.window and layer.length:
+        if self.compact and layer.store is None and layer.ragged is None and not layer.window and layer.length \
+                and not self.room:  # (a reconstructing method's layers stay whole until its passes end)
             store = self._compact_store(layer, stats)  # after the prompt's cut; a sliding layer keeps its window
             if store is not None:
                 layer.to_store(store)

@@ -17,7 +17,8 @@ arithmetic runs in it, as in KIVI (fp16) and optimum-quanto: the codes and dequa
 theirs bit for bit, and a scale costs the 2 bytes KIVI counts. A constant group (max = min) gets scale 0 and
 codes 0 and dequantizes exactly (the references divide 0 by 0 there).
 
-`QuantizedKV` holds one layer: quantized tokens then a full-precision residual of the newest tokens, in slot
+`QuantizedSegments` holds a ragged store's packed prompt (per-head budgets), each head's segment quantized as a
+QuantizedKV of its own would hold it. `QuantizedKV` holds one layer: quantized tokens then a full-precision residual of the newest tokens, in slot
 order. When an append brings the residual to R (`residual`, KIVI's residual_length, a multiple of G) tokens or
 more, its oldest tokens are quantized, G at a time (a whole key group), until fewer than R remain; keys and
 values share that boundary. `keep` drops tokens: a kept key keeps its codes and points at its group's scale
@@ -49,7 +50,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes (..., D) < 2^bits -> (..., D * bits // 8): byte j holds codes j*k .. j*k + k - 1, k = 8 // bits,
     the first in the low bits."""
     per = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], -1, per)
+    grouped = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = grouped[..., 0].clone()
     for i in range(1, per):
         out |= grouped[..., i] << (bits * i)
@@ -243,3 +244,52 @@ class QuantizedKV:
             return x.new_zeros(b, h, count + 1, d).scatter_(2, slot, x)[:, :, :count].clone()
 
         return move(self.k.scale), move(self.k.zero), rank.gather(2, index)
+
+
+class QuantizedSegments:
+    """KIVI on a ragged store's packed prompt (per-head budgets, `kvbench.engine.ragged`): each segment (one
+    sequence's KV head) is a QuantizedKV of its own after its prompt was appended, flattened: its first m
+    tokens quantized (m = ((n - R) // G + 1) x G when n >= R, else 0; keys per channel in groups of G of the
+    segment's consecutive tokens, values per token in groups of G channels), its last n - m in full precision.
+
+    keys (N, D) and values (N, D) packed segment after segment; `lens` (S,) the segment lengths."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lens: torch.Tensor, bits: int, group: int,
+                 residual: int):
+        _check_bits(bits)
+        n, d = keys.shape
+        if d % group or d % (8 // bits):
+            raise ValueError(f"head_dim {d} must be a multiple of the group {group} and of {8 // bits}")
+        self.bits, self.shape, self.dtype = bits, (n, d), keys.dtype
+        starts = torch.cumsum(lens, 0) - lens
+        segment = torch.repeat_interleave(torch.arange(len(lens), device=keys.device), lens, output_size=n)
+        j = torch.arange(n, device=keys.device) - starts[segment]  # index inside its segment
+        quantized_len = torch.where(lens >= residual, ((lens - residual) // group + 1) * group, 0)
+        quantized = j < quantized_len[segment]
+        self.quantized_index = quantized.nonzero().squeeze(1)
+        self.residual_index = (~quantized).nonzero().squeeze(1)
+        groups_before = torch.cumsum(quantized_len // group, 0) - quantized_len // group
+        self.key_group = (groups_before[segment] + j // group)[self.quantized_index]  # (Nq,) group of each key
+        count = int((quantized_len // group).sum())
+        k, v = keys[self.quantized_index], values[self.quantized_index]
+        # a key group is G consecutive tokens of one segment: its Nq keys in order are `count` blocks of G
+        codes, self.key_scale, self.key_zero = _quantize(k.view(count, group, d), 1, bits)
+        self.key_codes = pack(codes.view(-1, d), bits)
+        self.key_scale, self.key_zero = self.key_scale.squeeze(1), self.key_zero.squeeze(1)
+        self.values = quantize_values(v[None, None], bits, group)
+        self.residual_keys, self.residual_values = keys[self.residual_index], values[self.residual_index]
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.key_codes, self.key_scale, self.key_zero, *self.values, self.residual_keys, self.residual_values)
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) (N, D) in the input dtype, packed as given."""
+        keys = self.residual_keys.new_empty(self.shape)
+        values = self.residual_values.new_empty(self.shape)
+        codes = _unpack_as(self.key_codes, self.bits, self.key_scale.dtype)
+        keys[self.quantized_index] = codes.mul_(self.key_scale[self.key_group]).add_(self.key_zero[self.key_group])
+        values[self.quantized_index] = dequantize_values(self.values, self.bits)[0, 0]
+        keys[self.residual_index], values[self.residual_index] = self.residual_keys, self.residual_values
+        return keys, values

@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from kvbench.engine.attention import LayerAttention
+from kvbench.engine.quantized import QuantizedSegments
 
 try:  # optional: the `gpu` extra
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -121,6 +122,26 @@ class RaggedKV:
         self.decode_values = torch.empty_like(self.decode_keys)
         self.decoded = 0
         self._float_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys^T, values) for the CSR kernels
+        self.quantized: QuantizedSegments | None = None  # KIVI (method.quant): the prefix held quantized
+
+    def quantize(self, bits: int, group: int, residual: int) -> None:
+        """Hold the prompt's segments KIVI-quantized (`QuantizedSegments`); the attention reads them dequantized.
+        Decoded tokens stay in the full-precision decode block."""
+        self.quantized = QuantizedSegments(self.prefix_keys, self.prefix_values, self.lens.flatten(), bits, group,
+                                           residual)
+        self.prefix_keys = self.prefix_values = self._float_prefix = None
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed prompt's keys and values (N, head_dim), as the attention reads them."""
+        return self.quantized.dequantize() if self.quantized is not None else (self.prefix_keys, self.prefix_values)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds for its sequences: the packed prompt (or its quantization) and the decoded tokens."""
+        prefix = self.quantized.nbytes if self.quantized is not None else \
+            sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values))
+        decoded = 2 * self.batch * self.heads * self.decoded * self.head_dim * self.decode_keys.element_size()
+        return prefix + decoded
 
     # -- storage
     @property
@@ -170,6 +191,9 @@ class RaggedKV:
     def _prefix_for_sparse(self):
         """(keys^T (d, N), values (N, d)) in a dtype torch's CSR kernels compute in: the store itself, or
         its float32 copy made at every step (half precision)."""
+        if self.quantized is not None:
+            keys, values = self.quantized.dequantize()
+            return as_float(keys).t(), as_float(values)
         if self.prefix_keys.dtype not in SPARSE_DTYPES:
             return self.prefix_keys.float().t(), self.prefix_values.float()
         if self._float_prefix is None:  # the transposed view, made once
@@ -216,8 +240,9 @@ class RaggedKV:
         # prefix: each (b, h) segment is one varlen sequence of q queries x g heads on 1 KV head
         packed_q = query.view(b, h, g, q, d).permute(0, 1, 3, 2, 4).reshape(b * h * q, g, d).contiguous()
         cu_q = torch.arange(0, b * h + 1, device=query.device, dtype=torch.int32) * q
+        prefix_keys, prefix_values = self.prefix()
         out_p, lse_p, _ = flash_attn_varlen_func(
-            packed_q, self.prefix_keys[:, None], self.prefix_values[:, None], cu_q, self.cu_lens, q, self.max_len,
+            packed_q, prefix_keys[:, None], prefix_values[:, None], cu_q, self.cu_lens, q, self.max_len,
             softmax_scale=scaling, causal=False, softcap=softcap, return_attn_probs=True,
         )
         out_p = out_p.view(b, h, q, g, d).permute(0, 1, 3, 2, 4)  # (B, H, G, q, d)

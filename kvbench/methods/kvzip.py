@@ -81,9 +81,9 @@ class KVzip(Method):
             raise KVBenchError(f"method.chunk_size={self.chunk_size} must be >= 1 and method.prev_postfix="
                                f"{self.prev_postfix} >= 0")
         if (self.gqa != "kv" or self.positions != "original" or self.chunk or self.critical
-                or self.layers != "uniform" or self.quant != "none" or self.key_channels):
+                or self.layers != "uniform" or self.key_channels):
             raise KVBenchError("kvzip sets its own per-head budgets in a ragged store: use method.gqa=kv, "
-                               "method.positions=original and no chunk/critical/layers/quant/key_channels setting")
+                               "method.positions=original and no chunk/critical/layers/key_channels setting")
 
     @property
     def per_head(self) -> bool:

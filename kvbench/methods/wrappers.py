@@ -104,9 +104,8 @@ def _quant(m) -> None:
     if m.compresses and m.stage == "decode" and m.merges:
         raise KVBenchError(f"method.quant holds the KV quantized, and {m.name} merges values while decoding: use "
                            "method.stage=prefill or another method")
-    if m.per_head or m.positions != "original":
-        raise KVBenchError("method.quant takes one store per layer at original positions: use a method "
-                           "without per-head budgets and method.positions=original")
+    if m.positions != "original":
+        raise KVBenchError("method.quant holds keys at their original positions: use method.positions=original")
     if _cuts_again(m):
         raise KVBenchError("method.quant holds each layer quantized from its cut on, where CAKE's cascade cannot "
                            "cut it again: use method.quant=none (or method.layers=pyramid)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvbench.engine import Budget, Session, install
+from kvbench.engine.types import RepeatPrompts
 from kvbench.errors import KVBenchError
 from kvbench.methods import build
 from kvbench.models.families import tiny_model
@@ -83,8 +84,7 @@ def test_batched_equals_alone_and_sliding_layers_keep_their_window(family):
 def test_settings():
     assert build({"name": "snapkv", "quant": "kivi2"}).run_label == "snapkv-kivi2"
     assert build({"name": "full", "quant": "kivi4"}).run_label == "full-kivi4"
-    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "merges values"), ({"name": "ada_snapkv"}, "per-head"),
-                         ({"name": "knorm", "heads": "ada"}, "per-head"),
+    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "merges values"),
                          ({"name": "streamingllm", "positions": "shifted", "stage": "prefill"}, "positions=original"),
                          ({"name": "full", "quant": "kivi3"}, "is not one of"),
                          ({"name": "full", "quant_residual": 20}, "multiple")):
@@ -147,3 +147,48 @@ def test_decode_stage_eviction_from_a_quantized_store(llama, cfg, bits):
 
 def test_decode_stage_kivi_batched_equals_alone(llama):
     assert_batched_equals_alone(llama, {"name": "h2o", "quant": "kivi2", **SETTINGS}, 20, seed=7)
+
+
+PER_HEAD = [{"name": "knorm", "heads": "ada"}, {"name": "ada_snapkv"}, {"name": "pyramidkv"},
+            {"name": "ada_snapkv", "gqa": "expand"}, {"name": "kvzip", "chunk_size": 16}]
+REPEAT = RepeatPrompts(2, torch.tensor([7, 8, 9]), torch.tensor([10, 11]), torch.tensor([12]))
+
+
+@pytest.mark.parametrize("cfg", PER_HEAD, ids=lambda c: "-".join(map(str, c.values())))
+@torch.inference_mode()
+def test_per_head_budgets_hold_each_segment_as_a_quantized_kv(llama, cfg):
+    """Per-head budgets (a ragged store): each head's segment is quantized as a QuantizedKV of its own (its first
+    m tokens in groups, the rest in full precision), checked against the loops; a residual above every token
+    gives the plain method's tokens; the bytes are the store's."""
+    ids = prompt(60, seed=3)
+    plain = Session(llama, build(cfg), Budget(tokens=20), reserve=8, repeat=REPEAT)
+    tokens = plain.generate(ids, 8, []).tokens
+    whole = Session(llama, build({**cfg, "quant": "kivi2", "quant_group": 8, "quant_residual": 512}),
+                    Budget(tokens=20), reserve=8, repeat=REPEAT)
+    assert whole.generate(ids, 8, []).tokens == tokens
+    for bits in (2, 4):
+        quant = Session(llama, build({**cfg, "quant": f"kivi{bits}", **SETTINGS}), Budget(tokens=20), repeat=REPEAT)
+        quant.prefill(ids)
+        fresh = Session(llama, build(cfg), Budget(tokens=20), repeat=REPEAT)
+        fresh.prefill(ids)
+        for dense, layer in zip(fresh.cache.layers, quant.cache.layers):
+            keys, values = layer.ragged.prefix()
+            starts = dense.ragged.cu_lens.tolist()
+            for s in range(len(starts) - 1):
+                k = dense.ragged.prefix_keys[starts[s] : starts[s + 1]]
+                v = dense.ragged.prefix_values[starts[s] : starts[s + 1]]
+                n = k.shape[0]
+                m = ((n - 16) // 8 + 1) * 8 if n >= 16 else 0
+                got_k, got_v = keys[starts[s] : starts[s + 1]], values[starts[s] : starts[s + 1]]
+                torch.testing.assert_close(got_k[:m], ref_keys(k[None, None, :m], bits, 8)[1][0, 0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(got_v[:m], ref_values(v[None, None, :m], bits, 8)[1][0, 0], rtol=0,
+                                           atol=1e-6)
+                assert torch.equal(got_k[m:], k[m:]) and torch.equal(got_v[m:], v[m:])
+        summary = quant.cache.kv_summary()
+        assert summary["kv_kept_bytes"] == sum(layer.ragged.nbytes for layer in quant.cache.layers)
+        assert summary["kv_kept_bytes"] < fresh.cache.kv_summary()["kv_kept_bytes"]
+        assert summary["kv_kept_tokens"] == fresh.cache.kv_summary()["kv_kept_tokens"]
+
+
+def test_per_head_kivi_batched_equals_alone(llama):
+    assert_batched_equals_alone(llama, {"name": "knorm", "heads": "ada", "quant": "kivi4", **SETTINGS}, 20, seed=9)

@@ -170,7 +170,7 @@ def test_without_its_prompts_it_stops_with_one_line(tiny_gqa):
         Session(tiny_gqa[0], build({"name": "kvzip"}), Budget(tokens=8)).prefill(ids)
 
 
-@pytest.mark.parametrize("setting", [{"chunk": 4}, {"critical": True}, {"quant": "kivi2"}, {"gqa": "expand"},
+@pytest.mark.parametrize("setting", [{"chunk": 4}, {"critical": True}, {"key_channels": 0.5}, {"gqa": "expand"},
                                      {"stage": "decode"}, {"chunk_size": 0}])
 def test_settings_it_cannot_take_are_refused(setting):
     with pytest.raises(KVBenchError):
