@@ -348,7 +348,7 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes one sequence's KV holds in this layer (a compact store: as it holds them)."""
         if self.store is not None:
             return self.store.nbytes // self.store.batch
-        if self.ragged is not None and self.ragged.quantized is not None:
+        if self.ragged is not None and (self.ragged.quantized is not None or self.ragged.key_channels is not None):
             return self.ragged.nbytes // self.ragged.batch
         return sum(self.kept_per_head()) * self.bytes_per_token()
 
@@ -611,6 +611,9 @@ class CompressedCache(Cache):
                 budgets = method.head_budgets(layer.layer_idx, scores, budget, self.shape)
                 scores = method.cut_scores(layer, stats, scores, budgets)
                 layer.to_ragged(select_per_head(scores, budgets), self.reserve)
+                if method.key_channels:  # ThinK on per-head budgets: each segment's kept key channels
+                    ragged = layer.ragged
+                    ragged.prune_keys(method.kept_channels(layer, stats, (ragged.prefix_keys, ragged.lens)))
             elif budget is not None and layer.length > budget:
                 extra = 1 if method.stage == "decode" else self.reserve
                 scores = method.cut_scores(layer, stats, scores, budget, layer.protected(sinks, recent))

@@ -123,6 +123,7 @@ class RaggedKV:
         self.decoded = 0
         self._float_prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys^T, values) for the CSR kernels
         self.quantized: QuantizedSegments | None = None  # KIVI (method.quant): the prefix held quantized
+        self.key_channels: torch.Tensor | None = None  # ThinK (method.key_channels): the channels each segment keeps
 
     def quantize(self, bits: int, group: int, residual: int) -> None:
         """Hold the prompt's segments KIVI-quantized (`QuantizedSegments`); the attention reads them dequantized.
@@ -131,15 +132,32 @@ class RaggedKV:
                                            residual)
         self.prefix_keys = self.prefix_values = self._float_prefix = None
 
+    def prune_keys(self, kept: torch.Tensor) -> None:
+        """Hold only the key channels `kept` (segments, D') of each segment (ThinK); the attention reads the others
+        as zero. Decoded tokens keep every channel."""
+        segment = torch.repeat_interleave(torch.arange(kept.shape[0], device=kept.device), self.lens.flatten(),
+                                          output_size=self.prefix_keys.shape[0])
+        self.key_channels = kept
+        self.prefix_keys = self.prefix_keys.gather(1, kept[segment])
+        self._float_prefix = None
+
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed prompt's keys and values (N, head_dim), as the attention reads them."""
-        return self.quantized.dequantize() if self.quantized is not None else (self.prefix_keys, self.prefix_values)
+        if self.quantized is not None:
+            return self.quantized.dequantize()
+        if self.key_channels is not None:
+            segment = torch.repeat_interleave(torch.arange(self.key_channels.shape[0], device=self.lens.device),
+                                              self.lens.flatten(), output_size=self.prefix_keys.shape[0])
+            keys = self.prefix_keys.new_zeros(self.prefix_keys.shape[0], self.head_dim)
+            return keys.scatter_(1, self.key_channels[segment], self.prefix_keys), self.prefix_values
+        return self.prefix_keys, self.prefix_values
 
     @property
     def nbytes(self) -> int:
         """Bytes the store holds for its sequences: the packed prompt (or its quantization) and the decoded tokens."""
+        held = (self.prefix_keys, self.prefix_values, self.key_channels)
         prefix = self.quantized.nbytes if self.quantized is not None else \
-            sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values))
+            sum(t.numel() * t.element_size() for t in held if t is not None)
         decoded = 2 * self.batch * self.heads * self.decoded * self.head_dim * self.decode_keys.element_size()
         return prefix + decoded
 
@@ -191,8 +209,8 @@ class RaggedKV:
     def _prefix_for_sparse(self):
         """(keys^T (d, N), values (N, d)) in a dtype torch's CSR kernels compute in: the store itself, or
         its float32 copy made at every step (half precision)."""
-        if self.quantized is not None:
-            keys, values = self.quantized.dequantize()
+        if self.quantized is not None or self.key_channels is not None:
+            keys, values = self.prefix()
             return as_float(keys).t(), as_float(values)
         if self.prefix_keys.dtype not in SPARSE_DTYPES:
             return self.prefix_keys.float().t(), self.prefix_values.float()

@@ -30,7 +30,7 @@ from kvbench.engine.types import LayerView, ModelShape, Stats, StatsRequest, Vic
 from kvbench.errors import KVBenchError
 from kvbench.methods.critical import critical_scores
 from kvbench.methods.layers import cake_allocations, cut_scores_now, keep_cut_scores, pyramid_cap
-from kvbench.methods.think import kept_channels
+from kvbench.methods.think import kept_channels, kept_segment_channels
 from kvbench.methods.wrappers import check_wrappers
 
 __all__ = ["Method", "ModelShape", "Victim"]
@@ -142,8 +142,11 @@ class Method:
                 "KV head: use method.gqa=kv"
             )
 
-    def kept_channels(self, layer: LayerView, stats: Stats) -> torch.Tensor:
-        """ThinK: the key channels each KV head keeps after the prompt's cut (`kvbench.methods.think`)."""
+    def kept_channels(self, layer: LayerView, stats: Stats, packed: tuple | None = None) -> torch.Tensor:
+        """ThinK: the key channels each KV head keeps after the prompt's cut (`kvbench.methods.think`); with
+        `packed` = (keys (N, D), lengths (B, H)), each segment of a ragged store (per-head budgets)."""
+        if packed is not None:
+            return kept_segment_channels(stats.window_queries, *packed, self.key_channels)
         return kept_channels(stats.window_queries, layer.view("keys"), self.key_channels)
 
     def cut_scores(self, layer: LayerView, stats: Stats, scores: torch.Tensor | None, budgets: torch.Tensor | int,

@@ -29,3 +29,18 @@ def kept_channels(queries: torch.Tensor, keys: torch.Tensor, ratio: float) -> to
     q = q.view(batch, kv_heads, q.shape[1] // kv_heads, dim).mean(dim=2)
     score = q * keys.float().pow(2).mean(dim=2)
     return score.topk(dim - int(dim * ratio), dim=-1).indices
+
+
+def kept_segment_channels(queries: torch.Tensor, keys: torch.Tensor, lens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The same choice on a ragged store (per-head budgets): channels each segment keeps (S, D - int(D ratio)),
+    from the window queries (B, Hq, w, D), the packed kept keys (N, D) and the segment lengths (B, H) (H: the
+    KV heads, or the query heads of a `gqa: expand` store)."""
+    batch, heads = lens.shape
+    dim = keys.shape[-1]
+    q = queries.float().pow(2).mean(dim=2)
+    q = q.view(batch, heads, q.shape[1] // heads, dim).mean(dim=2).reshape(batch * heads, dim)
+    segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device), lens.flatten(),
+                                      output_size=keys.shape[0])
+    k = keys.new_zeros(batch * heads, dim, dtype=torch.float32).index_add_(0, segment, keys.float().pow(2))
+    k = k / lens.flatten().clamp(min=1)[:, None]
+    return (q * k).topk(dim - int(dim * ratio), dim=-1).indices

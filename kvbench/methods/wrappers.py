@@ -118,9 +118,9 @@ def _channels(m) -> None:
     if not 0 <= m.key_channels < 1 or m.channel_window < 1:
         raise KVBenchError(f"method.key_channels={m.key_channels} must be in [0, 1) and method.channel_window "
                            f"={m.channel_window} >= 1")
-    if m.per_head or m.positions != "original" or m.compresses and m.stage == "decode" and m.merges:
+    if m.positions != "original" or m.compresses and m.stage == "decode" and m.merges:
         raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.positions="
-                           "original and a method without per-head budgets (nor value merges while decoding)")
+                           "original and a method without value merges while decoding")
     if m.quant != "none":
         raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
     if _cuts_again(m):

@@ -81,7 +81,7 @@ def test_decoding_appends_whole_keys_and_batches_equal_alone():
 
 def test_settings():
     assert build({"name": "snapkv", "key_channels": 0.5}).run_label == "snapkv-think0.5"
-    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "value merges"), ({"name": "ada_snapkv"}, "per-head"),
+    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "value merges"),
                          ({"name": "full", "key_channels": 1.0}, r"in \[0, 1\)"),
                          ({"name": "full", "quant": "kivi2"}, "set one of them")):
         with pytest.raises(KVBenchError, match=message):
@@ -116,3 +116,39 @@ def test_decode_stage_eviction_from_pruned_keys(cfg):
         # layer 0's keys depend on the tokens alone; a later layer's decoded keys on the pruned layers below
         same_input = (pos < ids.shape[1]) if layer.layer_idx else torch.ones_like(pos, dtype=torch.bool)
         torch.testing.assert_close(layer.store.keys()[same_input], expected[same_input], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("cfg", [{"name": "knorm", "heads": "ada"}, {"name": "ada_snapkv", "window": 4}],
+                         ids=lambda c: c["name"])
+def test_per_head_budgets_prune_each_segment_s_channels(cfg, hkv):
+    """A ragged store (per-head budgets): each head's segment keeps the channels the loops choose from its own
+    kept keys, and the attention reads the pruned ones as zero."""
+    q, k, v, _ = random_inputs(hkv, 30, steps=0, seed=hkv)
+    cache = one_layer_cache({**cfg, "key_channels": 0.5, "channel_window": 6}, 12, q, k, v)
+    plain = one_layer_cache(cfg, 12, q, k, v).layers[0].ragged
+    ragged = cache.layers[0].ragged
+    keys, values = ragged.prefix()
+    starts = plain.cu_lens.tolist()
+    for b in range(2):
+        for h in range(hkv):
+            s = b * hkv + h
+            segment = plain.prefix_keys[starts[s] : starts[s + 1]]
+            kept = loop_kept(q, segment[None, None].expand(2, hkv, -1, -1), b, h, 0.5, 6)
+            assert sorted(ragged.key_channels[s].tolist()) == kept
+            expected = torch.zeros_like(segment)
+            expected[:, kept] = segment[:, kept]
+            assert torch.equal(keys[starts[s] : starts[s + 1]], expected)
+    assert torch.equal(values, plain.prefix_values)
+    assert cache.kv_summary()["kv_kept_bytes"] < sum(plain.lens.flatten().tolist()) * 2 * k.shape[-1] * 4
+
+
+def test_per_head_budgets_with_no_channel_pruned_are_the_plain_method():
+    model = tiny_model("llama", num_hidden_layers=2)
+    install(model, "sdpa")
+    ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(2))
+    for cfg in ({"name": "knorm", "heads": "ada"}, {"name": "pyramidkv"}):
+        plain = Session(model, build(cfg), Budget(tokens=16), reserve=6).generate(ids, 6, []).tokens
+        none = Session(model, build({**cfg, "key_channels": 0.05}), Budget(tokens=16), reserve=6).generate(ids, 6, [])
+        assert none.tokens == plain, cfg
+    assert_batched_equals_alone(model, {"name": "knorm", "heads": "ada", "key_channels": 0.5}, 16)
