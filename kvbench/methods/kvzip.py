@@ -54,7 +54,9 @@ from kvbench.methods.base import Method
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
-MAX_BLOCK_ELEMENTS = 2**24  # float32 logits held at once while scoring a pass
+# float32 logits held at once while scoring a pass: about half the layer's KV bytes, within these bounds (the
+# engine's rule for its attention statistics)
+MIN_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS = 2**22, 2**26
 
 
 @dataclass
@@ -122,7 +124,9 @@ class KVzip(Method):
         grouped = queries.reshape(batch, kv_heads, query_heads // kv_heads, q, dim)
         n = keys.shape[2]
         scores = torch.full((batch, kv_heads, end - start), float("-inf"), device=keys.device)
-        block = max(1, MAX_BLOCK_ELEMENTS // (batch * query_heads * n))
+        layer_kv_bytes = 2 * batch * kv_heads * length * dim * keys.element_size()
+        elements = min(MAX_BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, layer_kv_bytes // 8))
+        block = max(1, elements // (batch * query_heads * n))
         for first in range(0, q, block):
             last = min(first + block, q)
             # the products in the model's dtype, as kvpress; the softmax in float32
