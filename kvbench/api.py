@@ -36,17 +36,19 @@ from kvbench.methods import build
 
 
 @contextmanager
-def compress(model, method: str = "snapkv", budget=None, *, reserve: int = 64, **settings) -> Iterator[Session]:
+def compress(model, method: str = "snapkv", budget=None, *, reserve: int = 64, repeat=None,
+             **settings) -> Iterator[Session]:
     """A `Session` of `model` whose cache `method` (a registry name, `kvbench list methods`; its settings as
     keyword arguments) compresses to `budget` (tokens: an int; a ratio of the prompt: a float < 1; None: no
     limit, nothing evicted). Inside the block the model runs kvbench's attention function on top of its
-    own implementation; leaving it restores the model's implementation. `reserve`: decode tokens to allocate for."""
+    own implementation; leaving it restores the model's implementation. `reserve`: decode tokens to allocate for.
+    `repeat`: KVzip's prompts as token ids (`kvbench.models.chat.repeat_prompts(tokenizer, policy, input_ids)`)."""
     policy = build({"name": method, **settings})
     previous = model.config._attn_implementation
     if previous != NAME:
         install(model, base=previous if previous in BASE_IMPLEMENTATIONS else "sdpa")
     try:
-        yield Session(model, policy, _budget(budget), reserve=reserve)
+        yield Session(model, policy, _budget(budget), reserve=reserve, repeat=repeat)
     finally:
         if previous != NAME:
             model.set_attn_implementation(previous)

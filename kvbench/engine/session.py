@@ -143,7 +143,8 @@ class Session:
             return []
         if self.repeat is None:
             raise KVBenchError(f"{policy.name} asks the model to repeat the prompt, in words a tokenizer gives: pass "
-                               "Session(..., repeat=kvbench.models.chat.repeat_prompts(tokenizer, method, input_ids))")
+                               "repeat=kvbench.models.chat.repeat_prompts(tokenizer, method, input_ids) to the Session "
+                               "(or to kvbench.compress)")
         passes = policy.reconstruction_passes(input_ids, self.repeat)
         self.cache.room = max(ids.shape[1] for _, _, ids in passes)
         return passes

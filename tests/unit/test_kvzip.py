@@ -233,3 +233,15 @@ def test_driven_without_a_session_it_stops_with_one_line(tiny_gqa):
     cache = CompressedCache(tiny_gqa[0], build({"name": "kvzip"}), Budget(tokens=8))
     with pytest.raises(KVBenchError, match="Session"), torch.inference_mode():
         forward(tiny_gqa[0], cache, torch.randint(4, 128, (1, 30)))
+
+
+def test_the_python_api_passes_its_prompts(tiny_gqa):
+    import kvbench
+    from kvbench.models.chat import repeat_prompts
+
+    model, tokenizer = tiny_gqa
+    ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    prompts = repeat_prompts(tokenizer, build({"name": "kvzip"}), ids)
+    with kvbench.compress(model, method="kvzip", budget=10, repeat=prompts, chunk_size=16) as session:
+        session.generate(ids, 3, [])
+        assert session.kv_summary()["kv_kept_tokens"] == 2 * 2 * (10 + 2)
