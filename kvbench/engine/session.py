@@ -136,7 +136,7 @@ class Session:
         """The passes a reconstructing method runs after this prompt (none when it fits its budget), and room
         for the longest in every layer."""
         policy = self.cache.method
-        if not getattr(policy, "reconstructs", False):
+        if not policy.reconstructs:
             return []
         budget = policy.allocate(self.cache.budget_spec, input_ids.shape[1])[0]
         if budget is None or input_ids.shape[1] <= budget:

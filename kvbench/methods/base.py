@@ -166,6 +166,11 @@ class Method:
                                self.critical_epsilon, safe)
 
     @property
+    def cuts_layers_again(self) -> bool:
+        """An earlier layer may be cut again at a later layer's prompt cut (CAKE's cascade: `layers: cake`)."""
+        return self.layers == "cake"
+
+    @property
     def per_head(self) -> bool:
         """Heads keep different numbers of tokens (a ragged store, sized by `head_budgets`)."""
         return self.heads == "ada"

@@ -75,6 +75,10 @@ class CAKE(Method):
     adapts: ClassVar[bool] = False  # its budgets are per layer
     slot_state: ClassVar[tuple[str, ...]] = ("score",)
 
+    @property
+    def cuts_layers_again(self) -> bool:
+        return True  # its cascade (with cascading: false, the one cut after the last layer)
+
     def __post_init__(self):
         super().__post_init__()
         if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:

@@ -85,7 +85,7 @@ def _cake_layers(m) -> None:
     if m.critical:
         raise KVBenchError("method.layers=cake cuts earlier layers again to budgets CriticalKV's ranking was not "
                            "made for: use method.critical=false or method.layers=pyramid")
-    if getattr(m, "reconstructs", False):
+    if m.reconstructs:
         raise KVBenchError(f"method.layers=cake sets budgets at each layer's prompt cut; {m.name} scores after "
                            "the prompt: use method.layers=uniform")
     if m.tau1 <= 0 or m.tau2 <= 0 or m.cake_window < 2:
@@ -93,22 +93,23 @@ def _cake_layers(m) -> None:
                            f"{m.cake_window} >= 2 (a variance over the window queries)")
 
 
-def _cuts_again(m) -> bool:
-    """CAKE's cascade (method=cake, or layers: cake) cuts a layer again after its own cut."""
-    return m.layers == "cake" or m.name == "cake"
+def _compact_store(m, setting: str, off: str) -> None:
+    """What a quantized (`quant`) or pruned (`key_channels`) store takes: keys at their original positions, no
+    value merges while decoding, and a layer that is not cut again once in it (CAKE's cascade)."""
+    if m.positions != "original":
+        raise KVBenchError(f"method.{setting} holds keys at their original positions: use method.positions=original")
+    if m.compresses and m.stage == "decode" and m.merges:
+        raise KVBenchError(f"method.{setting} holds the KV its own way, and {m.name} merges values while decoding: "
+                           "use method.stage=prefill or another method")
+    if m.cuts_layers_again:
+        raise KVBenchError(f"method.{setting} holds each layer from its cut on, where CAKE's cascade cannot cut it "
+                           f"again: use method.{setting}={off} (or method.layers=pyramid)")
 
 
 def _quant(m) -> None:
     if m.quant not in QUANT_MODES:
         raise KVBenchError(f"method.quant={m.quant} is not one of: {', '.join(QUANT_MODES)}")
-    if m.compresses and m.stage == "decode" and m.merges:
-        raise KVBenchError(f"method.quant holds the KV quantized, and {m.name} merges values while decoding: use "
-                           "method.stage=prefill or another method")
-    if m.positions != "original":
-        raise KVBenchError("method.quant holds keys at their original positions: use method.positions=original")
-    if _cuts_again(m):
-        raise KVBenchError("method.quant holds each layer quantized from its cut on, where CAKE's cascade cannot "
-                           "cut it again: use method.quant=none (or method.layers=pyramid)")
+    _compact_store(m, "quant", "none")
     if m.quant_group < 1 or m.quant_residual < m.quant_group or m.quant_residual % m.quant_group:
         raise KVBenchError(f"method.quant_residual={m.quant_residual} must be a positive multiple of "
                            f"method.quant_group={m.quant_group}")
@@ -118,11 +119,6 @@ def _channels(m) -> None:
     if not 0 <= m.key_channels < 1 or m.channel_window < 1:
         raise KVBenchError(f"method.key_channels={m.key_channels} must be in [0, 1) and method.channel_window "
                            f"={m.channel_window} >= 1")
-    if m.positions != "original" or m.compresses and m.stage == "decode" and m.merges:
-        raise KVBenchError("method.key_channels prunes the prompt's keys after its cut: use method.positions="
-                           "original and a method without value merges while decoding")
     if m.quant != "none":
         raise KVBenchError("method.key_channels and method.quant each hold the KV their own way: set one of them")
-    if _cuts_again(m):
-        raise KVBenchError("method.key_channels holds each layer's pruned keys from its cut on, where CAKE's "
-                           "cascade cannot cut it again: use method.key_channels=0 (or method.layers=pyramid)")
+    _compact_store(m, "key_channels", "0")

@@ -56,7 +56,7 @@ def repeat_prompts(tokenizer, method, context: torch.Tensor, chat_format: str = 
     format's suffix as token ids (no special tokens), and how many of `context`'s (1, n) first tokens are the
     chat format's opening, as `encode` (text -> ids (1, n); default: the tokenizer's) tokenizes it. With no
     opening nothing is left out: a BOS is repeated with the first chunk, as kvpress's prefix_length 0."""
-    if not getattr(method, "reconstructs", False):
+    if not method.reconstructs:
         return None
     opening, suffix = chat_frame(chat_format, tokenizer, template_kwargs)
     plain = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # noqa: E731

@@ -81,7 +81,7 @@ def test_decoding_appends_whole_keys_and_batches_equal_alone():
 
 def test_settings():
     assert build({"name": "snapkv", "key_channels": 0.5}).run_label == "snapkv-think0.5"
-    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "value merges"),
+    for cfg, message in (({"name": "weightedkv", "stage": "decode"}, "merges values"),
                          ({"name": "full", "key_channels": 1.0}, r"in \[0, 1\)"),
                          ({"name": "full", "quant": "kivi2"}, "set one of them")):
         with pytest.raises(KVBenchError, match=message):
