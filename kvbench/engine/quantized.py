@@ -222,14 +222,33 @@ class QuantizedKV:
         c = idx.shape[-1]
         n_res = int((idx >= self.quantized_length).sum(-1).max()) if idx.numel() else 0
         q_idx, r_idx = idx[..., : c - n_res], idx[..., c - n_res :]
-        self.res_k, self.res_v = _take(self.keys(), r_idx), _take(self.values(), r_idx)
         b, h, nq = self.k.codes.shape[:3]
         index = self.key_index.long() if self.key_index is not None else \
             (torch.arange(nq, device=idx.device) // self.group).expand(b, h, -1)
+        self.res_k, self.res_v = self._at(r_idx, index)
         scale, zero, index = self._used_groups(index.gather(2, q_idx))
         self.k = Quantized(_take(self.k.codes, q_idx), scale, zero)
         self.key_index = index.to(torch.int32)
         self.v = Quantized(*(_take(t, q_idx) for t in self.v))
+
+    def _at(self, slots: torch.Tensor, key_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, m, D) of `slots` (B, H, m), as `keys()` and `values()` give them, dequantizing
+        only those slots (`key_group`: each quantized token's key group)."""
+        nq, nr = self.quantized_length, self.residual_length
+        parts_k, parts_v = [], []
+        if nq:
+            q = slots.clamp(max=nq - 1)
+            codes = Quantized(_take(self.k.codes, q), self.k.scale, self.k.zero)
+            parts_k.append(dequantize_keys(codes, self.bits, key_group.gather(2, q)))
+            parts_v.append(dequantize_values(Quantized(*(_take(t, q) for t in self.v)), self.bits))
+        if nr:
+            r = (slots - nq).clamp(0, nr - 1)
+            parts_k.append(_take(self.res_k, r))
+            parts_v.append(_take(self.res_v, r))
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        residual = (slots >= nq)[..., None]
+        return torch.where(residual, parts_k[1], parts_k[0]), torch.where(residual, parts_v[1], parts_v[0])
 
     def _used_groups(self, index: torch.Tensor):
         """The key groups that `index` (B, H, m) uses, renumbered in order per head: (scale, zero, new index);
