@@ -24,3 +24,23 @@ def test_gpu_check_runs_every_method_on_the_cpu_and_says_so(tmp_path):
         assert row["finite"] and "error" not in row, row
         if row["method"] in REGISTRY:  # a budget above the prompt gives the full cache's logits, within bf16
             assert row["close_above_budget"] and row["rel_logit_diff_above_budget"] <= 0.1, row
+
+
+def test_gpu_check_runs_only_the_rows_asked_for_and_names_unknown_ones(tmp_path):
+    import pytest
+
+    from kvbench.check import main
+
+    threads = torch.get_num_threads()
+    small = ["--device", "cpu", "--lengths", "48", "--steps", "2", "--hidden", "32", "--intermediate", "64",
+             "--layers", "2", "--heads", "4", "--kv-heads", "2"]
+    try:
+        assert main([*small, "--out", str(tmp_path), "--methods", "knorm-cake,h2o-kivi2"]) == 0
+        with pytest.raises(SystemExit, match="--methods nope unknown"):
+            main([*small, "--out", str(tmp_path / "bad"), "--methods", "nope"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert {row["method"] for row in rows if row["length"] == 48} == {"sdpa-full (transformers)", "full",
+                                                                      "knorm-cake", "h2o-kivi2"}
+    assert next(r for r in rows if r["method"] == "h2o-kivi2")["close_above_budget"] is None  # reported only
